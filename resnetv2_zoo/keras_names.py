@@ -1,0 +1,96 @@
+"""The one table between Keras ResNetV2 layer names and `ResNetV2Keras` parameter names.
+
+Weights are matched by layer name, never by order or shape: in `conv2_block1`, `0_conv` (the
+projection shortcut) and `3_conv` have the same shape, so any positional or shape-based matching
+can silently swap them (tensorflow/tensorflow#33459).
+"""
+import re
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+# Keras layer name -> module name, for the layers outside the residual blocks.
+TOP_LEVEL_LAYERS: Dict[str, str] = {
+    'conv1_conv': 'stem.conv',
+    'post_bn': 'norm',
+    'predictions': 'head.fc',
+}
+
+# Keras `convN_blockM_<suffix>` -> `stages.{N-2}.blocks.{M-1}.<module>`.
+BLOCK_LAYERS: Dict[str, str] = {
+    'preact_bn': 'norm1',
+    '0_conv': 'downsample',
+    '1_conv': 'conv1',
+    '1_bn': 'norm2',
+    '2_conv': 'conv2',
+    '2_bn': 'norm3',
+    '3_conv': 'conv3',
+}
+
+# Keras variable name -> PyTorch tensor name, per layer kind, in the order Keras stores them.
+CONV_VARS: Dict[str, str] = {'kernel': 'weight', 'bias': 'bias'}
+CONV_NO_BIAS_VARS: Dict[str, str] = {'kernel': 'weight'}  # the 1x1 and 3x3 convs that a BN follows
+DENSE_VARS: Dict[str, str] = {'kernel': 'weight', 'bias': 'bias'}
+BN_VARS: Dict[str, str] = {
+    'gamma': 'weight',
+    'beta': 'bias',
+    'moving_mean': 'running_mean',
+    'moving_variance': 'running_var',
+}
+
+FIRST_STAGE = 2  # Keras numbers the stages conv2..conv5
+_BLOCK_RE = re.compile(r'^conv(?P<stage>\d+)_block(?P<block>\d+)_(?P<suffix>' + '|'.join(BLOCK_LAYERS) + r')$')
+
+
+def module_for_layer(layer: str) -> str:
+    """Module name of the Keras layer `layer`; KeyError for a name that is not a ResNetV2 weight layer."""
+    if layer in TOP_LEVEL_LAYERS:
+        return TOP_LEVEL_LAYERS[layer]
+    match = _BLOCK_RE.match(layer)
+    if match is None:
+        raise KeyError(layer)
+    stage, block = int(match['stage']) - FIRST_STAGE, int(match['block']) - 1
+    if stage < 0 or block < 0:
+        raise KeyError(layer)
+    return f'stages.{stage}.blocks.{block}.{BLOCK_LAYERS[match["suffix"]]}'
+
+
+def layer_vars(layer: str) -> Dict[str, str]:
+    """Keras variable name -> PyTorch tensor name for `layer`."""
+    if layer == 'predictions':
+        return DENSE_VARS
+    if layer.endswith('_bn'):
+        return BN_VARS
+    if layer.endswith(('_1_conv', '_2_conv')):
+        return CONV_NO_BIAS_VARS
+    return CONV_VARS
+
+
+def keras_layer_names(block_counts: Sequence[int], include_top: bool) -> List[str]:
+    """Weight layers of a Keras ResNetV2 in the order Keras creates them (and numbers them in `.weights.h5`)."""
+    names = ['conv1_conv']
+    for stage, depth in enumerate(block_counts, start=FIRST_STAGE):
+        for block in range(1, depth + 1):
+            prefix = f'conv{stage}_block{block}_'
+            suffixes = ('preact_bn', '0_conv', '1_conv', '1_bn', '2_conv', '2_bn', '3_conv')
+            names += [prefix + s for s in suffixes if block == 1 or s != '0_conv']
+    names.append('post_bn')
+    if include_top:
+        names.append('predictions')
+    return names
+
+
+def to_torch_layout(array: np.ndarray) -> np.ndarray:
+    """Keras conv kernels are HWIO and dense kernels (in, out); PyTorch wants OIHW and (out, in)."""
+    if array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    if array.ndim == 2:
+        return np.ascontiguousarray(array.T)
+    return array
+
+
+def iter_tensor_names(layer: str) -> Iterator[Tuple[str, str]]:
+    """(Keras variable name, full PyTorch state-dict key) for every variable of `layer`."""
+    module = module_for_layer(layer)
+    for keras_var, torch_var in layer_vars(layer).items():
+        yield keras_var, f'{module}.{torch_var}'

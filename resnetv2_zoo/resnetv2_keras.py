@@ -1,0 +1,380 @@
+"""ResNet50V2 / ResNet101V2 / ResNet152V2 exactly as `keras.applications.resnet_v2` builds them.
+
+timm's own `resnetv2` is the same paper but not the same network, and Keras weights only carry over
+to a network that repeats every Keras detail:
+
+* the stride sits on the LAST block of each stage, whose shortcut is then a strided subsample of the
+  block input (Keras: `MaxPooling2D(1, stride)`); timm strides the first block;
+* the projection shortcut (first block of every stage) reads the pre-activation, with stride 1;
+* every conv not followed by a BatchNorm has a bias: the stem, the projection and each block's last 1x1;
+* the stem max-pool pads with zeros (`ZeroPadding2D` + `MaxPooling2D`); `nn.MaxPool2d` pads with -inf,
+  which differs wherever the pooled stem output is negative;
+* BatchNorm eps is 1.001e-5 (Keras momentum 0.99 is PyTorch momentum 0.01).
+
+Module names follow timm's resnetv2 so timm tooling (`group_matcher`, `first_conv`, `classifier`)
+works unchanged; `keras_names.py` maps each to its Keras layer name.
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, calculate_drop_path_rates
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+__all__ = ['ResNetV2Keras', 'GLOBAL_POOL_TYPES']
+
+BN_EPS = 1.001e-5
+BN_MOMENTUM = 0.01  # Keras momentum 0.99
+EXPANSION = 4
+STAGE_STRIDES = (2, 2, 2, 1)  # Keras `stride1` of conv2..conv5, applied by each stage's last block
+GLOBAL_POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax')
+
+BatchNormReLU = partial(BatchNormAct2d, eps=BN_EPS, momentum=BN_MOMENTUM, act_layer=nn.ReLU)
+
+
+class ZeroPadMaxPool2d(nn.Module):
+    """Max pool over an explicitly zero-padded input (Keras `ZeroPadding2D` + `MaxPooling2D`)."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2, padding: int = 1):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (self.padding, self.padding, self.padding, self.padding))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class PreActBottleneckKeras(nn.Module):
+    """Keras `residual_block_v2`: BN-ReLU pre-activation, then 1x1 -> 3x3 (strided) -> 1x1 (biased).
+
+    The projection shortcut (`conv_shortcut=True`) is applied to the pre-activation; otherwise the
+    shortcut is the raw input, subsampled by `stride` as Keras's 1x1 max pool does.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            mid_chs: int,
+            stride: int = 1,
+            conv_shortcut: bool = False,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        out_chs = mid_chs * EXPANSION
+        self.stride = stride
+        self.norm1 = BatchNormReLU(in_chs)
+        self.downsample = nn.Conv2d(in_chs, out_chs, 1, stride=stride) if conv_shortcut else None
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
+        self.norm2 = BatchNormReLU(mid_chs)
+        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride=stride, padding=1, bias=False)
+        self.norm3 = BatchNormReLU(mid_chs)
+        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        else:
+            shortcut = x[:, :, ::self.stride, ::self.stride]
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        return self.drop_path(x) + shortcut
+
+
+class ResNetStageKeras(nn.Module):
+    """Keras `stack_residual_blocks_v2`: projection block first, the stride on the last block."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            mid_chs: int,
+            depth: int,
+            stride: int,
+            drop_path_rates: Sequence[float],
+    ):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f'A Keras ResNetV2 stage needs at least 2 blocks, got depth={depth}.')
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            PreActBottleneckKeras(
+                in_chs if i == 0 else mid_chs * EXPANSION,
+                mid_chs,
+                stride=stride if i == depth - 1 else 1,
+                conv_shortcut=i == 0,
+                drop_path_rate=drop_path_rates[i],
+            )
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class ResNetV2Keras(nn.Module):
+    """Pre-activation ResNet (He et al. 2016) with the exact layout of Keras's ResNet*V2.
+
+    Feature taps (`feature_info`, `forward_intermediates`, `features_only=True`), one per reduction:
+
+    | index | reduction | channels | tensor (Keras layer name, ResNet50V2)                   |
+    |-------|-----------|----------|---------------------------------------------------------|
+    | 0     | 2         | 64       | stem conv output (`conv1_conv`)                         |
+    | 1     | 4         | 256      | stage 1 before its strided last block (`conv2_block2_out`) |
+    | 2     | 8         | 512      | stage 2 before its strided last block (`conv3_block3_out`) |
+    | 3     | 16        | 1024     | stage 3 before its strided last block (`conv4_block5_out`) |
+    | 4     | 32        | 2048     | stage 4 output, `post_bn` + ReLU with norm (`post_relu`)   |
+
+    Because Keras strides the last block of a stage, a stage output is already at the next
+    reduction; the taps are therefore taken one block earlier, where the resolution still matches.
+    """
+
+    def __init__(
+            self,
+            layers: Sequence[int],
+            channels: Sequence[int] = (64, 128, 256, 512),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            stem_chs: int = 64,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        """
+        Args:
+            layers: blocks per stage (Keras `stack_fn` block counts), e.g. (3, 4, 6, 3) for 50V2.
+            channels: bottleneck width per stage; stage outputs are 4x this.
+            num_classes: classifier outputs; 0 removes the classifier (features only).
+            in_chans: input image channels.
+            global_pool: one of '', 'avg', 'max', 'avgmax', 'catavgmax' ('' like Keras `pooling=None`).
+            drop_rate: dropout before the classifier.
+            drop_path_rate: stochastic depth, rising linearly over all blocks to this rate.
+        """
+        super().__init__()
+        _check_args(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool)
+        if not len(layers) == len(channels) == len(STAGE_STRIDES):
+            raise ValueError(
+                f'layers and channels need {len(STAGE_STRIDES)} entries, one per stage, '
+                f'got {len(layers)} and {len(channels)}.')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+
+        self.stem = nn.Sequential()
+        self.stem.add_module('conv', nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3))
+        self.stem.add_module('pool', ZeroPadMaxPool2d(3, stride=2, padding=1))
+        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='stem.conv')]
+
+        # number of blocks of each stage that run before its feature tap (see class docstring)
+        self.stage_taps = [d - 1 if s > 1 else d for d, s in zip(layers, STAGE_STRIDES)]
+        block_dprs = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=False)
+        self.stages = nn.Sequential()
+        prev_chs, reduction, first_block = stem_chs, 4, 0
+        for stage_idx, (depth, mid_chs, stride) in enumerate(zip(layers, channels, STAGE_STRIDES)):
+            self.stages.add_module(str(stage_idx), ResNetStageKeras(
+                prev_chs, mid_chs, depth, stride, block_dprs[first_block:first_block + depth]))
+            prev_chs = mid_chs * EXPANSION
+            tap = self.stage_taps[stage_idx]
+            module = f'stages.{stage_idx}' if tap == depth else f'stages.{stage_idx}.blocks.{tap - 1}'
+            self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module=module))
+            reduction *= stride
+            first_block += depth
+        self.feature_info[-1]['module'] = 'norm'
+
+        self.num_features = prev_chs
+        self.norm = BatchNormReLU(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head_hidden_size = self.head.num_features
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        _check_args(num_classes=num_classes, global_pool=global_pool)
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates (the taps in the class docstring).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n taps if int, all if None, select matching indices if sequence.
+            norm: Apply the final `post_bn` + ReLU to the last tap (it is sized for that one only).
+            stop_early: Stop after the last tap that is taken.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return the intermediates alone.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}.")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last_idx = len(self.stages)
+        intermediates = []
+        x = self.stem.conv(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stop_at = max_index if stop_early else last_idx
+        if stop_at > 0:
+            x = self.stem.pool(x)
+        for feat_idx, (stage, tap) in enumerate(zip(self.stages[:stop_at], self.stage_taps), start=1):
+            x = stage.blocks[:tap](x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+            if feat_idx < stop_at:
+                x = stage.blocks[tap:](x)
+        if intermediates_only:
+            return intermediates
+        if stop_at == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the layers that no tap in `indices` needs (whole stages, and blocks after the tap)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        prune_end = max_index < len(self.stages)
+        self.stages = self.stages[:max_index]
+        if max_index == 0:
+            self.stem = self.stem[:1]
+        elif prune_end:
+            last = self.stages[-1]
+            last.blocks = last.blocks[:self.stage_taps[max_index - 1]]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _check_args(num_classes: int = 0, in_chans: int = 1, global_pool: Optional[str] = None) -> None:
+    """Reject bad constructor arguments with a ValueError instead of a late shape error or assert."""
+    if num_classes < 0:
+        raise ValueError(f'num_classes must be >= 0 (0 removes the classifier), got {num_classes}.')
+    if in_chans < 1:
+        raise ValueError(f'in_chans must be >= 1, got {in_chans}.')
+    if global_pool is not None and global_pool not in GLOBAL_POOL_TYPES:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOL_TYPES}, got {global_pool!r}.')
+
+
+# Block counts per stage, as in keras/src/applications/resnet_v2.py.
+KERAS_BLOCK_COUNTS = {
+    'resnet50v2_keras': (3, 4, 6, 3),
+    'resnet101v2_keras': (3, 4, 23, 3),
+    'resnet152v2_keras': (3, 8, 36, 3),
+}
+
+
+def _create_resnetv2_keras(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
+    return build_model_with_cfg(
+        ResNetV2Keras, variant, pretrained,
+        layers=KERAS_BLOCK_COUNTS[variant],
+        feature_cfg=dict(feature_cls='getter', norm=True),
+        **kwargs,
+    )
+
+
+def _cfg(top1_299: float, **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'test_input_size': (3, 299, 299), 'test_pool_size': (10, 10),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        # Keras `preprocess_input` in 'tf' mode: x / 127.5 - 1
+        'mean': IMAGENET_INCEPTION_MEAN, 'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head.fc',
+        'license': 'apache-2.0',
+        'min_input_size': (3, 32, 32),
+        'paper_ids': 'arXiv:1603.05027',
+        'paper_name': 'Identity Mappings in Deep Residual Networks',
+        'origin_url': 'https://keras.io/api/applications/resnet/',
+        'notes': (f'Keras ImageNet weights; Keras reports {top1_299}% top-1 at 299x299.',),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'resnet50v2_keras.tf_in1k': _cfg(76.0),
+    'resnet101v2_keras.tf_in1k': _cfg(77.2),
+    'resnet152v2_keras.tf_in1k': _cfg(78.0),
+})
+
+
+@register_model
+def resnet50v2_keras(pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
+    """ResNet50V2 as `keras.applications.ResNet50V2`."""
+    return _create_resnetv2_keras('resnet50v2_keras', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def resnet101v2_keras(pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
+    """ResNet101V2 as `keras.applications.ResNet101V2`."""
+    return _create_resnetv2_keras('resnet101v2_keras', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def resnet152v2_keras(pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
+    """ResNet152V2 as `keras.applications.ResNet152V2`."""
+    return _create_resnetv2_keras('resnet152v2_keras', pretrained=pretrained, **kwargs)
