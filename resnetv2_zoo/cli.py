@@ -1,32 +1,21 @@
-"""`resnetv2-zoo` command line: one sub-command per job."""
+"""`resnetv2-zoo` command line. Each sub-command lives in its own module, which defines
+`register(subparsers)` adding a parser whose `func(args)` does the job."""
 import argparse
+import importlib
 import sys
 from typing import List, Optional
 
 from .errors import ResNetV2ZooError
 
-
-def _demo(args: argparse.Namespace) -> None:
-    """Build each model, print its size, and run one forward pass at a small resolution."""
-    import timm
-    import torch
-
-    from . import resnetv2_keras  # noqa: F401  (registers the models)
-
-    for name in timm.list_models('*_keras'):
-        model = timm.create_model(name).eval()
-        params = sum(p.numel() for p in model.parameters())
-        with torch.no_grad():
-            logits = model(torch.zeros(1, 3, args.img_size, args.img_size))
-        print(f'{name}: {params / 1e6:.2f} M parameters, logits {tuple(logits.shape)}')
+# resnetv2_zoo.<module> for each sub-command, in the order `--help` lists them.
+SUBCOMMAND_MODULES = ('demo',)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='resnetv2-zoo', description=__doc__)
+    parser = argparse.ArgumentParser(prog='resnetv2-zoo', description='Keras ResNetV2 models as exact timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
-    demo = sub.add_parser('demo', help='run the main job on an embedded default')
-    demo.add_argument('--img-size', type=int, default=96)
-    demo.set_defaults(func=_demo)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f'{__package__}.{name}').register(sub)
     return parser
 
 
