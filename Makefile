@@ -9,7 +9,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -e '.[keras,dev]'
+	$(PY) -m pip install -e '.[keras,train,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -66,18 +66,27 @@ def layer_vars(layer: str) -> Dict[str, str]:
     return CONV_VARS
 
 
+# Block layers in `model.layers` order. Keras sorts a functional model's layers by graph depth, so
+# the projection `0_conv` comes after `2_bn`, not where `residual_block_v2` creates it.
+BLOCK_LAYER_ORDER = ('preact_bn', '1_conv', '1_bn', '2_conv', '2_bn', '0_conv', '3_conv')
+
 def keras_layer_names(block_counts: Sequence[int], include_top: bool) -> List[str]:
-    """Weight layers of a Keras ResNetV2 in the order Keras creates them (and numbers them in `.weights.h5`)."""
+    """Weight layers of a Keras ResNetV2 in `model.layers` order, the order `.weights.h5` numbers them in."""
     names = ['conv1_conv']
     for stage, depth in enumerate(block_counts, start=FIRST_STAGE):
         for block in range(1, depth + 1):
-            prefix = f'conv{stage}_block{block}_'
-            suffixes = ('preact_bn', '0_conv', '1_conv', '1_bn', '2_conv', '2_bn', '3_conv')
-            names += [prefix + s for s in suffixes if block == 1 or s != '0_conv']
+            names += [f'conv{stage}_block{block}_{s}' for s in BLOCK_LAYER_ORDER if block == 1 or s != '0_conv']
     names.append('post_bn')
     if include_top:
         names.append('predictions')
     return names
+
+
+def keras_class(layer: str) -> str:
+    """The Keras layer class of a ResNetV2 weight layer, as `.weights.h5` spells it."""
+    if layer == 'predictions':
+        return 'dense'
+    return 'batch_normalization' if layer.endswith('_bn') else 'conv2d'
 
 
 def to_torch_layout(array: np.ndarray) -> np.ndarray:

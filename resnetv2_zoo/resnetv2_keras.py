@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, ImageNetInfo
 from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -132,7 +132,7 @@ class ResNetV2Keras(nn.Module):
     | 1     | 4         | 256      | stage 1 before its strided last block (`conv2_block2_out`) |
     | 2     | 8         | 512      | stage 2 before its strided last block (`conv3_block3_out`) |
     | 3     | 16        | 1024     | stage 3 before its strided last block (`conv4_block5_out`) |
-    | 4     | 32        | 2048     | stage 4 output, `post_bn` + ReLU with norm (`post_relu`)   |
+    | 4     | 32        | 2048     | stage 4 output after `post_bn` + ReLU (`post_relu`)        |
 
     Because Keras strides the last block of a stage, a stage output is already at the next
     reduction; the taps are therefore taken one block earlier, where the resolution still matches.
@@ -246,7 +246,7 @@ class ResNetV2Keras(nn.Module):
         Args:
             x: Input image tensor.
             indices: Take last n taps if int, all if None, select matching indices if sequence.
-            norm: Apply the final `post_bn` + ReLU to the last tap (it is sized for that one only).
+            norm: Unused: the last tap already is the `post_bn` + ReLU output, the only tensor it fits.
             stop_early: Stop after the last tap that is taken.
             output_fmt: Only 'NCHW'.
             intermediates_only: Return the intermediates alone.
@@ -264,14 +264,14 @@ class ResNetV2Keras(nn.Module):
             x = self.stem.pool(x)
         for feat_idx, (stage, tap) in enumerate(zip(self.stages[:stop_at], self.stage_taps), start=1):
             x = stage.blocks[:tap](x)
+            if feat_idx == last_idx:
+                x = self.norm(x)
             if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+                intermediates.append(x)
             if feat_idx < stop_at:
                 x = stage.blocks[tap:](x)
         if intermediates_only:
             return intermediates
-        if stop_at == last_idx:
-            x = self.norm(x)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -280,7 +280,10 @@ class ResNetV2Keras(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the layers that no tap in `indices` needs (whole stages, and blocks after the tap)."""
+        """Drop the layers that no tap in `indices` needs (whole stages, and blocks after the tap).
+
+        The final norm is kept whenever the last tap is taken, since that tap is its output.
+        """
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         prune_end = max_index < len(self.stages)
         self.stages = self.stages[:max_index]
@@ -289,9 +292,8 @@ class ResNetV2Keras(nn.Module):
         elif prune_end:
             last = self.stages[-1]
             last.blocks = last.blocks[:self.stage_taps[max_index - 1]]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
         if prune_end:
+            self.norm = nn.Identity()  # sized for, and part of, the last tap only
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
             self.reset_classifier(0, '')
@@ -328,12 +330,19 @@ KERAS_BLOCK_COUNTS = {
 
 
 def _create_resnetv2_keras(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
+    if pretrained:
+        from .pretrained import pretrained_kwargs  # finds, fetches and converts the Keras weights on first use
+
+        kwargs = pretrained_kwargs(variant, kwargs)
     return build_model_with_cfg(
         ResNetV2Keras, variant, pretrained,
         layers=KERAS_BLOCK_COUNTS[variant],
-        feature_cfg=dict(feature_cls='getter', norm=True),
+        feature_cfg=dict(feature_cls='getter'),
         **kwargs,
     )
+
+
+_IMAGENET_LABEL_NAMES = tuple(ImageNetInfo().label_names())  # WordNet ids, as Keras `decode_predictions` names classes
 
 
 def _cfg(top1_299: float, **kwargs: Any) -> Dict[str, Any]:
@@ -351,6 +360,7 @@ def _cfg(top1_299: float, **kwargs: Any) -> Dict[str, Any]:
         'paper_name': 'Identity Mappings in Deep Residual Networks',
         'origin_url': 'https://keras.io/api/applications/resnet/',
         'notes': (f'Keras ImageNet weights; Keras reports {top1_299}% top-1 at 299x299.',),
+        'label_names': _IMAGENET_LABEL_NAMES,
         **kwargs,
     }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Convert a Keras ResNet50V2/101V2/152V2 checkpoint to timm safetensors, without TensorFlow.
+
+The same as `resnetv2-zoo convert`; the mapping lives in `resnetv2_zoo.convert`. Example:
+
+    python converters/keras_to_safetensors.py resnet50v2_weights_tf_dim_ordering_tf_kernels.h5 -o resnet50v2_keras
+"""
+import sys
+
+from resnetv2_zoo.cli import main
+
+if __name__ == '__main__':
+    sys.exit(main(['convert', *sys.argv[1:]]))

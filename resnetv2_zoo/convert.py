@@ -1,0 +1,345 @@
+"""Convert a Keras ResNet50V2 / 101V2 / 152V2 checkpoint into a timm `resnet*v2_keras` model.
+
+Weights are matched by Keras layer name through `keras_names` (never by order or shape), and the
+file must match the architecture exactly: every tensor in it is used and every model tensor is
+filled, or the conversion fails and says which layers and tensors differ. Nothing here imports
+TensorFlow except `--verify` (and converting a live `keras.Model`, which the caller already built).
+"""
+import argparse
+import functools
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import timm
+import torch
+from timm.models import adapt_input_conv
+
+from . import __version__
+from .checkpoint import load_model, save_model_dir, save_weights_file
+from .errors import KerasFileError, ResNetV2ZooError
+from .keras_files import KerasWeights, file_sha256, read_keras_weights
+from .keras_names import iter_tensor_names, keras_class, keras_layer_names, layer_vars, to_torch_layout
+from .resnetv2_keras import KERAS_BLOCK_COUNTS
+
+PathLike = Union[str, os.PathLike]
+ARCHS = tuple(KERAS_BLOCK_COUNTS)
+TOLERANCE = 1e-5  # max |keras - ours| <= TOLERANCE * max(1, max |keras|), float32
+MAX_LISTED = 12  # problems listed per kind in an error message
+
+_BLOCK_LAYER_RE = re.compile(r'^conv(?P<stage>[2-5])_block(?P<block>\d+)_')
+# Layers that exist in Keras's ResNet (v1) but not in ResNetV2.
+_RESNET_V1_RE = re.compile(r'^(conv1_bn|conv\d_block\d+_(0_bn|3_bn))$')
+
+
+@dataclass
+class ConvertedKeras:
+    """A Keras checkpoint as a timm state dict, with what is needed to build and describe the model."""
+
+    arch: str  # 'resnet50v2_keras' | 'resnet101v2_keras' | 'resnet152v2_keras'
+    num_classes: int  # 0 when the file has no top
+    state_dict: Dict[str, torch.Tensor]
+    metadata: Dict[str, str]  # source_file, source_sha256, keras_version, converter_version, source_format
+
+
+def convert_keras(source: Union[PathLike, Any], arch: str = 'auto') -> ConvertedKeras:
+    """Read a Keras ResNetV2 file (legacy `.h5`, `.weights.h5`, `.keras`) or a live `keras.Model`.
+
+    Args:
+        source: the file, or the model.
+        arch: 'auto' to take the depth from the file, or the expected architecture (refused if the
+            file holds another one).
+    """
+    if arch != 'auto' and arch not in ARCHS:
+        raise ResNetV2ZooError(f'unknown arch {arch!r}; expected auto or one of {", ".join(ARCHS)}')
+    weights = read_keras_weights(source, layer_order=_weights_h5_layer_order)
+    arch = _detect_arch(weights, arch)
+    num_classes = _num_classes(weights)
+    state_dict = _assemble_state_dict(weights, arch, num_classes)
+    is_file = isinstance(source, (str, os.PathLike))
+    metadata = {
+        'source_file': Path(source).name if is_file else weights.source,
+        'source_sha256': file_sha256(source) if is_file else '',
+        'keras_version': weights.keras_version,
+        'converter_version': __version__,
+        'source_format': weights.source_format,
+    }
+    return ConvertedKeras(arch, num_classes, state_dict, metadata)
+
+
+def build_model(converted: ConvertedKeras, **create_kwargs: Any) -> torch.nn.Module:
+    """The timm model holding the converted weights, in eval mode.
+
+    `create_kwargs` go to `timm.create_model` (e.g. `global_pool`, `drop_rate`); as with timm's
+    pretrained weights, a `num_classes` other than the file's gets a new classifier and an
+    `in_chans` other than 3 an adapted stem conv.
+    """
+    num_classes = create_kwargs.pop('num_classes', converted.num_classes)
+    model = timm.create_model(converted.arch, num_classes=converted.num_classes, **create_kwargs)
+    state_dict = converted.state_dict
+    if model.in_chans != 3:
+        stem = adapt_input_conv(model.in_chans, state_dict['stem.conv.weight'])
+        state_dict = {**state_dict, 'stem.conv.weight': stem}
+    model.load_state_dict(state_dict, strict=True)
+    if num_classes != converted.num_classes:
+        model.reset_classifier(num_classes)
+    return model.eval()
+
+
+def convert_to_dir(source: Union[PathLike, Any], out_dir: PathLike, arch: str = 'auto',
+                   label_names: Optional[Sequence[str]] = None) -> Path:
+    """Convert and write `out_dir` in timm's `save_for_hf` layout; it is loaded back and checked."""
+    return _convert_and_write(source, Path(out_dir), arch, label_names, single_file=False)
+
+
+def convert_to_file(source: Union[PathLike, Any], out_file: PathLike, arch: str = 'auto',
+                    label_names: Optional[Sequence[str]] = None) -> Path:
+    """Convert and write one self-describing `.safetensors` file; it is loaded back and checked."""
+    return _convert_and_write(source, Path(out_file), arch, label_names, single_file=True)
+
+
+def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label_names: Optional[Sequence[str]],
+                       single_file: bool, verify: bool = False) -> Path:
+    if not out.parent.is_dir():
+        raise ResNetV2ZooError(f'cannot write {out}: directory {out.parent} does not exist')
+    converted = convert_keras(source, arch)
+    _check_labels(label_names, converted.num_classes)
+    model = build_model(converted)
+    if verify:
+        verification = verify_against_keras(source, converted)
+        print(verification.summary())
+        if not verification.passed:
+            raise ResNetV2ZooError(f'{source}: Keras and the converted model disagree; nothing written')
+    if single_file:
+        save_weights_file(model, out, label_names, converted.metadata)
+    else:
+        save_model_dir(model, out, label_names, converted.metadata)
+    _check_loads_back(out, model)
+    return out
+
+
+def _check_labels(label_names: Optional[Sequence[str]], num_classes: int) -> None:
+    if label_names is not None and len(label_names) != num_classes:
+        raise ResNetV2ZooError(f'{len(label_names)} label names given, but the checkpoint has {num_classes} classes')
+
+
+def _check_loads_back(out: Path, model: torch.nn.Module) -> None:
+    """Load what was written with the package's own loader and require identical tensors."""
+    loaded = load_model(out).state_dict()
+    expected = model.state_dict()
+    if loaded.keys() != expected.keys() or any(not torch.equal(loaded[k], expected[k]) for k in expected):
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
+        raise ResNetV2ZooError(f'{out} was written but does not load back to the converted weights; removed it')
+
+
+# --- mapping and validation ---
+
+def _detect_arch(weights: KerasWeights, requested: str) -> str:
+    names = list(weights.layers)
+    v1_layers = [n for n in names if _RESNET_V1_RE.match(n)]
+    if v1_layers and 'post_bn' not in weights.layers:
+        raise KerasFileError(
+            f'{weights.source} is a Keras ResNet (v1) checkpoint (keras.applications.ResNet50/101/152): it has '
+            f'layers such as {v1_layers[:3]} and no post_bn. Only ResNet50V2/101V2/152V2 can be converted.')
+    block_counts = _block_counts(names)
+    if 'conv1_conv' not in weights.layers or not any(block_counts):
+        raise KerasFileError(
+            f'{weights.source} is not a Keras ResNetV2 checkpoint: expected layers such as conv1_conv, '
+            f'conv2_block1_preact_bn and post_bn, found {_listing(names)}')
+    detected = [a for a, counts in KERAS_BLOCK_COUNTS.items() if counts == block_counts]
+    if requested != 'auto':
+        if detected and detected[0] != requested:
+            raise KerasFileError(f'{weights.source} holds a {detected[0]} (blocks per stage {block_counts}), '
+                                 f'not the requested {requested} {KERAS_BLOCK_COUNTS[requested]}')
+        return requested
+    if detected:
+        return detected[0]
+    # Damaged or partial: validate against the nearest architecture, which names what is missing or extra.
+    return min(ARCHS, key=lambda a: sum(abs(x - y) for x, y in zip(KERAS_BLOCK_COUNTS[a], block_counts)))
+
+
+def _block_counts(names: Sequence[str]) -> Tuple[int, ...]:
+    counts = [0, 0, 0, 0]
+    for name in names:
+        match = _BLOCK_LAYER_RE.match(name)
+        if match:
+            stage = int(match['stage']) - 2
+            counts[stage] = max(counts[stage], int(match['block']))
+    return tuple(counts)
+
+
+def _num_classes(weights: KerasWeights) -> int:
+    kernel = weights.layers.get('predictions', {}).get('kernel')
+    return int(kernel.shape[-1]) if kernel is not None and kernel.ndim == 2 else 0
+
+
+def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int) -> Dict[str, torch.Tensor]:
+    """Map every Keras tensor to its model tensor, or raise listing every difference at once."""
+    model_shapes = _model_shapes(arch, num_classes)
+    # BatchNorm's step counters have no Keras counterpart; a converted model has taken no training steps.
+    counters = {k.replace('running_var', 'num_batches_tracked'): torch.tensor(0)
+                for k in model_shapes if k.endswith('running_var')}
+    expected_layers = keras_layer_names(KERAS_BLOCK_COUNTS[arch], include_top=num_classes > 0)
+    problems: Dict[str, List[str]] = {
+        'missing layers': [n for n in expected_layers if n not in weights.layers],
+        'unexpected layers': sorted(set(weights.layers) - set(expected_layers)),
+        'tensor mismatches': [],
+    }
+    state_dict: Dict[str, torch.Tensor] = {}
+    for layer in expected_layers:
+        found = weights.layers.get(layer)
+        if found is None:
+            continue
+        for var in sorted(found.keys() - layer_vars(layer).keys()):
+            problems['tensor mismatches'].append(f'{layer}: unexpected variable {var!r} {found[var].shape}')
+        for keras_var, key in iter_tensor_names(layer):
+            expected_shape = _keras_shape(model_shapes[key])
+            if keras_var not in found:
+                problems['tensor mismatches'].append(f'{layer}: missing variable {keras_var!r} {expected_shape}')
+            elif found[keras_var].shape != expected_shape:
+                problems['tensor mismatches'].append(
+                    f'{layer}/{keras_var}: expected shape {expected_shape}, found {found[keras_var].shape}')
+            else:
+                state_dict[key] = torch.from_numpy(to_torch_layout(found[keras_var]))
+    unfilled = sorted(model_shapes.keys() - state_dict.keys())
+    if any(problems.values()) or unfilled:
+        lines = [f'{kind}: {_listing(items)}' for kind, items in problems.items() if items]
+        if unfilled and not any(problems.values()):  # only possible if the name table and the model disagree
+            lines.append(f'model tensors left unfilled: {_listing(unfilled)}')
+        raise KerasFileError(f'{weights.source} ({weights.source_format}) does not match {arch} '
+                             f'with {num_classes} classes:\n  ' + '\n  '.join(lines))
+    return {**state_dict, **counters}
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shapes(arch: str, num_classes: int) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every model tensor to fill (BatchNorm step counters excepted)."""
+    with torch.device('meta'):  # shapes only: nothing allocated
+        model = timm.create_model(arch, num_classes=num_classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
+
+
+def _keras_shape(torch_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The Keras layout of a tensor of `torch_shape` (the inverse of `keras_names.to_torch_layout`)."""
+    if len(torch_shape) == 4:
+        out_chs, in_chs, height, width = torch_shape
+        return height, width, in_chs, out_chs
+    return tuple(reversed(torch_shape))
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ', '.join(str(i) for i in items[:MAX_LISTED])
+    return shown + (f' ... and {len(items) - MAX_LISTED} more' if len(items) > MAX_LISTED else '')
+
+
+def _weights_h5_layer_order(class_counts: Dict[str, int]) -> Optional[Dict[str, List[str]]]:
+    """Layer names per Keras class for a `.weights.h5` without names: the ResNetV2 whose counts match."""
+    for block_counts in KERAS_BLOCK_COUNTS.values():
+        for include_top in (True, False):
+            by_class: Dict[str, List[str]] = {}
+            for name in keras_layer_names(block_counts, include_top):
+                by_class.setdefault(keras_class(name), []).append(name)
+            if {cls: len(layers) for cls, layers in by_class.items()} == class_counts:
+                return by_class
+    return None
+
+
+# --- verification against Keras (needs TensorFlow) ---
+
+@dataclass
+class Verification:
+    max_abs_diff: float
+    tolerance: float
+    output: str  # 'logits' or 'pooled features'
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def summary(self) -> str:
+        verdict = 'PASS' if self.passed else 'FAIL'
+        return (f'verify: max |keras - timm| over the {self.output} = {self.max_abs_diff:.3g} '
+                f'(tolerance {self.tolerance:.3g}): {verdict}')
+
+
+def keras_reference_model(arch: str, num_classes: int) -> Any:
+    """The Keras model a checkpoint of `arch` loads into: logits with a top, average-pooled features without."""
+    from .keras_runtime import import_keras
+
+    applications = import_keras().applications
+    app = {'resnet50v2_keras': applications.ResNet50V2, 'resnet101v2_keras': applications.ResNet101V2,
+           'resnet152v2_keras': applications.ResNet152V2}[arch]
+    if num_classes:
+        return app(weights=None, include_top=True, classes=num_classes, classifier_activation=None)
+    return app(weights=None, include_top=False, pooling='avg', input_shape=(None, None, 3))
+
+
+def verify_against_keras(source: Union[PathLike, Any], converted: ConvertedKeras, image_size: int = 224,
+                         batch_size: int = 2, seed: int = 0) -> Verification:
+    """Run Keras (loading `source` its own way) and the converted model on one seeded batch."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            keras_model = keras_reference_model(converted.arch, converted.num_classes)
+            _keras_load_weights(keras_model, Path(source), converted.metadata['source_format'])
+        else:
+            keras_model = source
+    except ImportError as e:
+        raise ResNetV2ZooError(f'--verify needs TensorFlow and Keras: {e}') from e
+    images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    keras_out = np.asarray(keras_model(images.permute(0, 2, 3, 1).numpy(), training=False))
+    with torch.no_grad():
+        ours = build_model(converted)(images).numpy()
+    diff = float(np.abs(keras_out - ours).max()) if keras_out.shape == ours.shape else float('inf')
+    tolerance = TOLERANCE * max(1.0, float(np.abs(keras_out).max()))
+    return Verification(diff, tolerance, 'logits' if converted.num_classes else 'pooled features')
+
+
+def _keras_load_weights(keras_model: Any, path: Path, source_format: str) -> None:
+    """Keras picks the reader by file suffix; link the file under the suffix of the format it really is."""
+    suffix = {'weights_h5': '.weights.h5', 'keras_zip': '.keras'}.get(source_format, '.h5')
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / f'model{suffix}'
+        link.symlink_to(path.resolve())
+        keras_model.load_weights(str(link))
+
+
+# --- command line ---
+
+def read_labels(path: PathLike) -> List[str]:
+    """One class name per line; blank lines are ignored."""
+    try:
+        text = Path(path).read_text(encoding='utf8')
+    except OSError as e:
+        raise ResNetV2ZooError(f'cannot read labels file {path}: {e}') from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        'convert', help='convert a Keras ResNetV2 checkpoint to a timm model directory',
+        description='Convert a Keras ResNet50V2/101V2/152V2 checkpoint (legacy .h5, .weights.h5 or .keras) '
+                    "into timm's save_for_hf layout (config.json + model.safetensors), without TensorFlow.")
+    parser.add_argument('input', type=Path, help='Keras file')
+    parser.add_argument('-o', '--output', type=Path, required=True,
+                        help='output directory (or .safetensors file with --single-file)')
+    parser.add_argument('--arch', default='auto', choices=('auto', *ARCHS),
+                        help='expected architecture (default: detected from the file)')
+    parser.add_argument('--labels', type=Path, help='text file with one class name per line')
+    parser.add_argument('--single-file', action='store_true', help='write one self-describing .safetensors file')
+    parser.add_argument('--verify', action='store_true',
+                        help='also run Keras (TensorFlow needed) on the same input and compare outputs')
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    labels = read_labels(args.labels) if args.labels else None
+    out = _convert_and_write(args.input, args.output, args.arch, labels, args.single_file, args.verify)
+    print(f'wrote {out}')

@@ -1,0 +1,319 @@
+"""Read the weights of any Keras file format into plain arrays, with h5py and zipfile only.
+
+Every reader returns the same thing, `KerasWeights`: `{keras_layer_name: {keras_var_name: array}}`
+plus where it came from. No TensorFlow and no Keras here: only the live-`keras.Model` path touches
+Keras, through the model object it is handed. Formats:
+
+* `legacy_h5_weights`: Keras 2 HDF5 weights (the official `*_tf_dim_ordering_tf_kernels*.h5`).
+* `legacy_h5_model`: a full-model `.h5` (`model.save('x.h5')`), the same layout under `model_weights`.
+* `weights_h5`: Keras 3 `.weights.h5`, keyed by class with a per-class counter (`layers/conv2d_3/vars/0`);
+  Keras >= 3.6 also stores the layer name in `vars.attrs['name']`, older files need `layer_order`.
+* `keras_zip`: a `.keras` archive, read in memory; its `config.json` names the layers of older files.
+* `live_model`: a `keras.Model` object.
+"""
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import h5py
+import numpy as np
+
+from .errors import KerasFileError
+
+PathLike = Union[str, os.PathLike]
+LayerWeights = Dict[str, Dict[str, np.ndarray]]
+# Class counts of a name-less `.weights.h5` ({'conv2d': 69, ...}) -> layer names per class, in Keras's
+# numbering, or None when no known model has these counts.
+LayerOrder = Callable[[Dict[str, int]], Optional[Dict[str, Sequence[str]]]]
+
+# Order in which Keras 3 `save_own_variables` numbers the variables of a layer (trainable, then the rest).
+KERAS3_VAR_NAMES: Dict[str, Tuple[str, ...]] = {
+    'conv2d': ('kernel', 'bias'),
+    'dense': ('kernel', 'bias'),
+    'batch_normalization': ('gamma', 'beta', 'moving_mean', 'moving_variance'),
+}
+
+
+@dataclass
+class KerasWeights:
+    """The weights of one Keras model, by layer name, and what the file says about itself."""
+
+    layers: LayerWeights
+    source: str  # the file path, or a description of a live model, for messages
+    source_format: str
+    keras_version: str = 'unknown'
+
+
+def read_keras_weights(
+        source: Union[PathLike, Any],
+        layer_order: Optional[LayerOrder] = None,
+) -> KerasWeights:
+    """Read a Keras file (any format above) or a live `keras.Model`.
+
+    Args:
+        source: a path, or a `keras.Model`.
+        layer_order: names the layers of a `.weights.h5` that has no layer names and no `config.json`.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return _read_live_model(source)
+    path = Path(source)
+    if path.is_dir():
+        raise KerasFileError(f'{path} is a directory; expected a Keras weights file (.h5, .weights.h5 or .keras)')
+    if not path.is_file():
+        raise KerasFileError(f'{path}: no such file')
+    if zipfile.is_zipfile(path):
+        return _read_keras_zip(path, layer_order)
+    if not h5py.is_hdf5(path):
+        raise KerasFileError(f'{path} is neither an HDF5 file nor a .keras archive')
+    try:
+        with h5py.File(path, 'r') as h5:
+            weights = _read_h5(h5, str(path), layer_order, config=None)
+    except (OSError, KeyError, RuntimeError) as e:  # h5py's errors for a damaged or truncated file
+        raise KerasFileError(f'{path} is truncated or corrupt: {e}') from e
+    return weights
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of megabytes)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_h5(h5: h5py.File, source: str, layer_order: Optional[LayerOrder],
+             config: Optional[Dict[str, Any]]) -> KerasWeights:
+    """Tell the three HDF5 layouts apart; `config` is the `.keras` archive's config.json, if any."""
+    if 'layer_names' in h5.attrs or 'layer_names0' in h5.attrs:
+        return KerasWeights(_read_legacy_group(h5, source), source, 'legacy_h5_weights',
+                            _attr_str(h5, 'keras_version') or 'unknown')
+    if 'model_weights' in h5:
+        group = h5['model_weights']
+        return KerasWeights(_read_legacy_group(group, source), source, 'legacy_h5_model',
+                            _attr_str(h5, 'keras_version') or _attr_str(group, 'keras_version') or 'unknown')
+    if 'layers' in h5:
+        names = _keras3_names_from_config(config) if config is not None else None
+        return KerasWeights(_read_keras3_group(h5, source, names, layer_order), source, 'weights_h5')
+    raise KerasFileError(
+        f'{source} is an HDF5 file but not a Keras weights file: it has no `layer_names` attribute, '
+        f'`model_weights` group or `layers` group (found top-level keys {sorted(h5.keys())[:10]})')
+
+
+# --- legacy HDF5 (Keras 2 layout, also written by Keras 3 for `.h5`) ---
+
+def _read_legacy_group(group: h5py.Group, source: str) -> LayerWeights:
+    layers: LayerWeights = {}
+    group_names = _attr_list(group, 'layer_names')
+    if 'top_level_model_weights' in group:  # Keras 3: variables of the model itself, outside any layer
+        group_names.append('top_level_model_weights')
+    for group_name in group_names:
+        if group_name not in group:
+            raise KerasFileError(f'{source}: layer {group_name!r} is listed in `layer_names` but has no group')
+        layer_group = group[group_name]
+        for weight_name in _attr_list(layer_group, 'weight_names'):
+            # `conv1_conv/kernel:0` (Keras 2) or `conv1_conv/kernel` (Keras 3); a nested model's group
+            # holds its layers' weights, so the layer is the second-to-last part, not the group.
+            parts = weight_name.split('/')
+            layer = parts[-2] if len(parts) > 1 else group_name
+            var = parts[-1].split(':')[0]
+            if weight_name not in layer_group:
+                raise KerasFileError(f'{source}: layer {layer!r} lists weight {weight_name!r} but has no such dataset')
+            _add(layers, source, layer, var, _read_dataset(layer_group[weight_name], source, layer, var))
+    return layers
+
+
+def _attr_list(group: h5py.Group, name: str) -> List[str]:
+    """A string-list attribute; Keras splits long ones into `name0`, `name1`, ... (HDF5 header limit)."""
+    if name in group.attrs:
+        values = group.attrs[name]
+    else:
+        chunks = []
+        while f'{name}{len(chunks)}' in group.attrs:
+            chunks.append(group.attrs[f'{name}{len(chunks)}'])
+        values = np.concatenate(chunks) if chunks else []
+    return [v.decode('utf8') if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _attr_str(group: h5py.Group, name: str) -> str:
+    value = group.attrs.get(name, '')
+    return value.decode('utf8') if isinstance(value, bytes) else str(value)
+
+
+# --- Keras 3 `.weights.h5` ---
+
+def _read_keras3_group(h5: h5py.File, source: str, config_names: Optional[Dict[str, str]],
+                       layer_order: Optional[LayerOrder]) -> LayerWeights:
+    entries = list(_iter_keras3_entries(h5['layers'], 'layers'))
+    unnamed = [key for key, vars_group in entries if 'name' not in vars_group.attrs]
+    names = {key: _attr_str(vars_group, 'name') for key, vars_group in entries if key not in unnamed}
+    if unnamed:
+        names.update(_recover_keras3_names(source, unnamed, config_names, layer_order))
+    layers: LayerWeights = {}
+    for key, vars_group in entries:
+        layer = names[key]
+        var_names = _keras3_var_names(key, len(vars_group))
+        for index, var in enumerate(var_names):
+            if str(index) not in vars_group:
+                raise KerasFileError(f'{source}: layer {layer!r} ({key}) has no variable {index}')
+            _add(layers, source, layer, var, _read_dataset(vars_group[str(index)], source, layer, var))
+    if 'vars' in h5 and len(h5['vars']):
+        raise KerasFileError(f'{source}: the model itself holds variables {sorted(h5["vars"])}, '
+                             'which a Keras ResNetV2 does not have')
+    return layers
+
+
+def _iter_keras3_entries(group: h5py.Group, path: str) -> Iterator[Tuple[str, h5py.Group]]:
+    """(path, vars group) of every layer that stores variables, nested models included."""
+    for key, child in group.items():
+        child_path = f'{path}/{key}'
+        if 'vars' in child and len(child['vars']):
+            yield child_path, child['vars']
+        if 'layers' in child:
+            yield from _iter_keras3_entries(child['layers'], f'{child_path}/layers')
+
+
+def _keras3_var_names(key: str, count: int) -> Tuple[str, ...]:
+    names = KERAS3_VAR_NAMES.get(_class_key(key)[0], ())
+    if len(names) >= count:
+        return names[:count]
+    return tuple(str(i) for i in range(count))  # an unknown layer kind: keep it, so it is reported as extra
+
+
+def _class_key(key: str) -> Tuple[str, int]:
+    """`layers/conv2d_3` -> ('conv2d', 3): Keras's class-name key and per-class counter."""
+    match = re.fullmatch(r'(?P<cls>.*?)(?:_(?P<n>\d+))?', key.rsplit('/', 1)[-1])
+    return match['cls'], int(match['n'] or 0)
+
+
+def _recover_keras3_names(source: str, keys: List[str], config_names: Optional[Dict[str, str]],
+                          layer_order: Optional[LayerOrder]) -> Dict[str, str]:
+    """Layer names for a `.weights.h5` written before Keras stored them (Keras < 3.6)."""
+    if config_names is not None:
+        missing = [k for k in keys if k not in config_names]
+        if missing:
+            raise KerasFileError(f'{source}: config.json has no layer for the weight groups {missing[:5]}')
+        return {k: config_names[k] for k in keys}
+    nested = [k for k in keys if k.count('/') > 1]
+    if nested or layer_order is None:
+        raise KerasFileError(f'{source}: a .weights.h5 without layer names and without a config to recover them')
+    counts: Dict[str, int] = defaultdict(int)
+    for key in keys:
+        counts[_class_key(key)[0]] += 1
+    order = layer_order(dict(counts))
+    if order is None:
+        raise KerasFileError(f'{source}: a .weights.h5 without layer names whose layers ({dict(counts)}) '
+                             'match no Keras ResNetV2, so they cannot be named')
+    names = {}
+    for key in keys:
+        cls, index = _class_key(key)
+        if index >= len(order.get(cls, ())):
+            raise KerasFileError(f'{source}: unexpected weight group {key!r}: a Keras ResNetV2 of this size has '
+                                 f'{len(order.get(cls, ()))} {cls} layers')
+        names[key] = order[cls][index]
+    return names
+
+
+def _keras3_names_from_config(config: Dict[str, Any]) -> Dict[str, str]:
+    """Weight-group path -> layer name, numbering layers per class in `config.json` order as Keras does."""
+    names: Dict[str, str] = {}
+
+    def visit(model_config: Dict[str, Any], path: str) -> None:
+        used: Dict[str, int] = {}
+        for layer in model_config.get('config', {}).get('layers', []):
+            cls = _snake_case(layer['class_name'])
+            key = cls if cls not in used else f'{cls}_{used[cls] + 1}'
+            used[cls] = used.get(cls, -1) + 1
+            names[f'{path}/{key}'] = layer['config']['name']
+            visit(layer, f'{path}/{key}/layers')
+
+    visit(config, 'layers')
+    return names
+
+
+def _snake_case(name: str) -> str:
+    """keras.src.utils.naming.to_snake_case: the class key of a layer in a `.weights.h5`."""
+    name = re.sub(r'\W+', '', name)
+    name = re.sub('(.)([A-Z][a-z]+)', r'\1_\2', name)
+    return re.sub('([a-z])([A-Z])', r'\1_\2', name).lower()
+
+
+# --- `.keras` archive ---
+
+def _read_keras_zip(path: Path, layer_order: Optional[LayerOrder]) -> KerasWeights:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+            if 'model.weights.h5' not in members:
+                raise KerasFileError(f'{path} is a zip archive without model.weights.h5 (found {sorted(members)[:5]}); '
+                                     'sharded or npz .keras archives are not supported')
+            config = json.loads(archive.read('config.json')) if 'config.json' in members else None
+            metadata = json.loads(archive.read('metadata.json')) if 'metadata.json' in members else {}
+            weights_bytes = archive.read('model.weights.h5')
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as e:
+        raise KerasFileError(f'{path} is a damaged .keras archive: {e}') from e
+    try:
+        with h5py.File(io.BytesIO(weights_bytes), 'r') as h5:
+            weights = _read_h5(h5, str(path), layer_order, config=config)
+    except (OSError, KeyError, RuntimeError) as e:
+        raise KerasFileError(f'{path}: model.weights.h5 in the archive is corrupt: {e}') from e
+    weights.source_format = 'keras_zip'
+    weights.keras_version = str(metadata.get('keras_version', 'unknown'))
+    return weights
+
+
+# --- live model ---
+
+def _read_live_model(model: Any) -> KerasWeights:
+    if not hasattr(model, 'layers') or not hasattr(model, 'get_weights'):
+        raise KerasFileError(f'expected a path or a keras.Model, got {type(model).__name__}')
+    from .keras_runtime import import_keras
+
+    keras = import_keras()  # already imported by whoever built `model`
+
+    source = f'keras.Model {model.name!r}'
+    layers: LayerWeights = {}
+    for layer in _flat_layers(model):
+        for variable in layer.weights:
+            var = variable.name.split('/')[-1].split(':')[0]
+            _add(layers, source, layer.name, var, _as_float32(np.asarray(variable.numpy()), source, layer.name, var))
+    return KerasWeights(layers, source, 'live_model', keras.__version__)
+
+
+def _flat_layers(model: Any) -> Iterator[Any]:
+    for layer in model.layers:
+        if hasattr(layer, 'layers') and layer.layers:
+            yield from _flat_layers(layer)
+        else:
+            yield layer
+
+
+# --- shared ---
+
+def _add(layers: LayerWeights, source: str, layer: str, var: str, value: np.ndarray) -> None:
+    layer_vars = layers.setdefault(layer, {})
+    if var in layer_vars:
+        raise KerasFileError(f'{source}: layer {layer!r} variable {var!r} appears twice')
+    layer_vars[var] = value
+
+
+def _read_dataset(dataset: Any, source: str, layer: str, var: str) -> np.ndarray:
+    if not isinstance(dataset, h5py.Dataset):
+        raise KerasFileError(f'{source}: layer {layer!r} variable {var!r} is not a dataset')
+    return _as_float32(dataset[()], source, layer, var)
+
+
+def _as_float32(value: np.ndarray, source: str, layer: str, var: str) -> np.ndarray:
+    """float16/32/64 become float32 (exact for 16, rounded for 64); anything else is not a weight."""
+    value = np.asarray(value)
+    if value.dtype.kind != 'f':
+        raise KerasFileError(f'{source}: layer {layer!r} variable {var!r} has dtype {value.dtype}; '
+                             'expected floating point weights')
+    return value.astype(np.float32, copy=False)

@@ -1,0 +1,102 @@
+"""Smoke tests: each benchmark runs one tiny iteration end to end and writes well-formed results."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+import resnetv2_zoo  # noqa: F401  (registers the *_keras models)
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
+# timm benchmark.py's column names (its results CSV), which ours keep
+TIMM_INFER = ('infer_samples_per_sec', 'infer_step_time', 'infer_batch_size', 'infer_img_size')
+TIMM_TRAIN = ('train_samples_per_sec', 'train_step_time', 'train_batch_size', 'train_img_size')
+
+
+def run_script(name: str, *args: str, cwd: Path = BENCHMARKS) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_results(out_dir: Path, prefix: str):
+    stems = {p.with_suffix('') for p in out_dir.iterdir()}
+    assert len(stems) == 1 and next(iter(stems)).name.startswith(f'{prefix}_cpu-')
+    stem = stems.pop()
+    with stem.with_suffix('.csv').open() as f:
+        csv_rows = list(csv.DictReader(f))
+    payload = json.loads(stem.with_suffix('.json').read_text())
+    assert set(payload) == {'meta', 'results'}
+    assert [row['arch' if 'arch' in row else 'model'] for row in payload['results']] == [
+        row['arch' if 'arch' in row else 'model'] for row in csv_rows]
+    return csv_rows, payload, stem.with_suffix('.md').read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.keras
+def test_throughput_smoke(tmp_path):
+    run_script('throughput.py', '--models', 'resnet50v2_keras:optimized', 'keras/ResNet50V2',
+               '--peer', 'resnet50v2_keras:cl', '--img-size', '32', '--batch-sizes', '2', '--rounds', '1', '--steps', '1',
+               '--warmup', '0', '--out-dir', str(tmp_path))
+    csv_rows, payload, table = read_results(tmp_path, 'throughput')
+    rows = {row['model']: row for row in payload['results']}
+    assert list(rows) == ['resnet50v2_keras:cl', 'resnet50v2_keras:optimized', 'keras/ResNet50V2']
+    for name, row in rows.items():
+        assert all(key in row for key in TIMM_INFER + ('param_count',)), name
+        assert row['infer_samples_per_sec'] > 0 and row['infer_batch_size'] == 2 and row['infer_img_size'] == 32
+        # one round of one step: the rate is the batch over the step time
+        assert row['infer_samples_per_sec'] == pytest.approx(2000 / row['infer_step_time'], rel=1e-2)
+        assert row['infer_peak_mem_mb'] > row['infer_runtime_mem_mb'] > 0
+        assert row['infer_peer'] == 'resnet50v2_keras:cl'
+    assert rows['resnet50v2_keras:cl']['infer_ratio_to_peer'] == 1.0
+    # the optimized mode is inference-only; the others were trained one step too
+    assert not any(key.startswith('train_') for key in rows['resnet50v2_keras:optimized'])
+    for name in ('resnet50v2_keras:cl', 'keras/ResNet50V2'):
+        assert all(key in rows[name] for key in TIMM_TRAIN) and rows[name]['train_samples_per_sec'] > 0
+    # ResNet50V2 has 25.57 M trainable parameters in Keras and here alike
+    assert rows['resnet50v2_keras:cl']['param_count'] == rows['keras/ResNet50V2']['param_count'] == 25.57
+    assert rows['resnet50v2_keras:cl']['channels_last'] and rows['resnet50v2_keras:optimized']['optimized']
+    assert set(csv_rows[0]) == set().union(*payload['results'])
+    assert table.startswith('| model | precision |') and table.count('\n') == 2 + len(rows)
+    assert payload['meta']['load_average_start'] and payload['meta']['torch']
+
+
+@pytest.mark.slow
+@pytest.mark.keras
+def test_convert_speed_smoke(tmp_path):
+    run_script('convert_speed.py', '--archs', 'resnet50v2_keras', '--rounds', '1', '--out-dir', str(tmp_path / 'out'),
+               '--work-dir', str(tmp_path / 'work'))
+    _, payload, table = read_results(tmp_path / 'out', 'convert_speed')
+    (row,) = payload['results']
+    model = timm.create_model('resnet50v2_keras')
+    float32_mb = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point()) * 4 / 2 ** 20
+    assert row['weights_mb'] == pytest.approx(float32_mb, abs=0.1)
+    for method in ('h5py_read', 'convert_keras', 'convert_to_dir', 'create_model', 'keras_load'):
+        assert 0 < row[f'{method}_s_min'] <= row[f'{method}_s'] <= row[f'{method}_s_max']
+        assert row[f'{method}_peak_mb'] >= 0
+    assert row['convert_keras_x_h5py'] == pytest.approx(row['convert_keras_s'] / row['h5py_read_s'], rel=1e-2)
+    assert row['create_model_x_keras_load'] == pytest.approx(row['create_model_s'] / row['keras_load_s'], rel=1e-2)
+    assert row['convert_keras_mem_x_weights'] == pytest.approx(
+        row['convert_keras_peak_mb'] / row['weights_mb'], rel=1e-2)
+    assert table.startswith('| arch | weights MiB |') and '| resnet50v2_keras |' in table
+
+
+def test_timm_benchmark_wrapper_registers_our_models(tmp_path):
+    """The wrapper runs the given script as __main__, with its own arguments and our models registered."""
+    script = tmp_path / 'benchmark.py'
+    script.write_text(
+        'import sys, json, timm\n'
+        "if __name__ == '__main__':\n"
+        "    print(json.dumps([sys.argv, timm.is_model('resnet152v2_keras')]))\n")
+    proc = run_script('timm_benchmark.py', str(script), '--model', 'resnet50v2_keras', '-b', '2', cwd=tmp_path)
+    assert json.loads(proc.stdout.splitlines()[-1]) == [[str(script), '--model', 'resnet50v2_keras', '-b', '2'], True]
+
+
+def test_timm_benchmark_wrapper_needs_the_script_path():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / 'timm_benchmark.py'), '--model', 'x'],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "timm's own `benchmark.py`" in proc.stderr

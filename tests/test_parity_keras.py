@@ -1,0 +1,165 @@
+"""Parity with real Keras: every file format Keras writes converts to a timm model with the same outputs.
+
+For each depth, one Keras model with seeded random weights (BN statistics included) is saved by Keras
+in each format, with and without the top, and also converted live. Keras computes the reference
+once per input size; every conversion must match it within the project tolerance. A last test
+proves the comparison can fail: the two same-shaped convs of conv2_block1 swapped break it.
+"""
+from pathlib import Path
+from typing import Callable, Dict, NamedTuple, Tuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from keras_helpers import FILE_FORMATS, build_keras_resnetv2, copy_weights_by_name, save_keras
+
+from resnetv2_zoo.convert import TOLERANCE, build_model, convert_keras
+from resnetv2_zoo.keras_runtime import import_keras
+
+pytestmark = pytest.mark.keras
+
+# 224 and two odd sizes for 50V2; the deeper models at smaller odd sizes to keep the suite fast.
+IMAGE_SIZES = {
+    'resnet50v2_keras': (224, 97, 225),
+    'resnet101v2_keras': (97, 65),
+    'resnet152v2_keras': (97, 65),
+}
+BATCH_SIZE = 2
+SOURCES = (*FILE_FORMATS, 'live_model')
+
+
+class KerasCase(NamedTuple):
+    files: Dict[Tuple[bool, str], Path]  # (include_top, file format) -> Keras-written file
+    models: Dict[bool, object]  # include_top -> live Keras model
+    images: Dict[int, np.ndarray]  # size -> NCHW batch in [-1, 1]
+    reference: Dict[Tuple[int, str], np.ndarray]  # (size, 'logits' | 'avg' | 'max') -> Keras output
+
+
+def _images(size: int) -> np.ndarray:
+    return np.random.default_rng(size).uniform(-1, 1, (BATCH_SIZE, 3, size, size)).astype(np.float32)
+
+
+def _keras_case(arch: str, directory: Path) -> KerasCase:
+    keras = import_keras()
+    top = build_keras_resnetv2(arch, include_top=True, seed=1)
+    notop = build_keras_resnetv2(arch, include_top=False, seed=2)
+    copy_weights_by_name(top, notop)
+    files = {}
+    for include_top, model in ((True, top), (False, notop)):
+        for file_format in FILE_FORMATS:
+            out = directory / ('top' if include_top else 'notop')
+            out.mkdir(exist_ok=True)
+            files[include_top, file_format] = save_keras(model, out, file_format)
+    # One Keras forward per size for all three outputs: the top model's classifier on the no-top
+    # model's average pool (the no-top model takes any size), and a global max pool of post_relu.
+    logits = top.get_layer('predictions')(notop.output)
+    max_pooled = keras.layers.GlobalMaxPooling2D()(notop.get_layer('post_relu').output)
+    reference_model = keras.Model(notop.input, [logits, notop.output, max_pooled])
+    images = {size: _images(size) for size in IMAGE_SIZES[arch]}
+    reference = {}
+    for size, batch in images.items():
+        outputs = reference_model(batch.transpose(0, 2, 3, 1), training=False)
+        for name, output in zip(('logits', 'avg', 'max'), outputs):
+            reference[size, name] = np.asarray(output)
+        if size == 224:  # where the genuine top model runs too, it must give the same logits
+            np.testing.assert_allclose(np.asarray(top(batch.transpose(0, 2, 3, 1), training=False)),
+                                       reference[size, 'logits'], rtol=0, atol=1e-4)
+    return KerasCase(files, {True: top, False: notop}, images, reference)
+
+
+@pytest.fixture(scope='module')
+def keras_cases(tmp_path_factory) -> Callable[[str], KerasCase]:
+    """Built lazily, one depth at a time, and kept for the module."""
+    cache: Dict[str, KerasCase] = {}
+
+    def get(arch: str) -> KerasCase:
+        if arch not in cache:
+            cache[arch] = _keras_case(arch, tmp_path_factory.mktemp(arch))
+        return cache[arch]
+
+    return get
+
+
+def _assert_close(ours: torch.Tensor, keras_out: np.ndarray, what: str) -> float:
+    keras_max = float(np.abs(keras_out).max())
+    diff = float(np.abs(ours.numpy() - keras_out).max())
+    tolerance = TOLERANCE * max(1.0, keras_max)
+    assert ours.shape == keras_out.shape, what
+    assert diff <= tolerance, f'{what}: max |keras - ours| = {diff:.3g} > {tolerance:.3g} (max |keras| {keras_max:.3g})'
+    assert 1.0 <= keras_max <= 1e3, f'{what}: Keras outputs of size {keras_max:.3g} make the tolerance meaningless'
+    return diff
+
+
+def _convert(case: KerasCase, include_top: bool, source: str):
+    return convert_keras(case.models[include_top] if source == 'live_model' else case.files[include_top, source])
+
+
+@pytest.mark.parametrize('source', SOURCES)
+@pytest.mark.parametrize('arch', list(IMAGE_SIZES))
+def test_logits_match_keras(keras_cases, arch, source):
+    case = keras_cases(arch)
+    converted = _convert(case, True, source)
+    assert (converted.arch, converted.num_classes) == (arch, 1000)
+    assert converted.metadata['source_format'] == source
+    model = build_model(converted)
+    with torch.no_grad():
+        for size, images in case.images.items():
+            ours = model(torch.from_numpy(images))
+            _assert_close(ours, case.reference[size, 'logits'], f'{arch} {source} logits {size}')
+
+
+@pytest.mark.parametrize('source', SOURCES)
+@pytest.mark.parametrize('arch', list(IMAGE_SIZES))
+def test_pooled_features_match_keras_without_top(keras_cases, arch, source):
+    case = keras_cases(arch)
+    converted = _convert(case, False, source)
+    assert (converted.arch, converted.num_classes) == (arch, 0)
+    model = build_model(converted)
+    with torch.no_grad():
+        for pool in ('avg', 'max'):
+            model.reset_classifier(0, global_pool=pool)
+            for size, images in case.images.items():
+                ours = model(torch.from_numpy(images))
+                _assert_close(ours, case.reference[size, pool], f'{arch} {source} {pool} {size}')
+
+
+def test_tutorial_four_class_head(tmp_path):
+    """A no-top ResNet50V2 with Dense(4, name='predictions'), saved by ModelCheckpoint(save_weights_only=True)."""
+    keras = import_keras()
+    base = build_keras_resnetv2('resnet50v2_keras', include_top=False, seed=3)
+    head = keras.layers.Dense(4, name='predictions')
+    model = keras.Model(base.input, head(base.output))
+    head.set_weights([np.random.default_rng(4).normal(0, 0.05, (2048, 4)).astype(np.float32), np.ones(4, np.float32)])
+    images = np.random.default_rng(5).uniform(-1, 1, (2, 160, 160, 3)).astype(np.float32)
+    model.compile(optimizer='sgd', loss='mse')
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / 'birds.weights.h5'), save_weights_only=True)
+    model.fit(images, np.zeros((2, 4), np.float32), epochs=1, verbose=0, callbacks=[checkpoint])
+    model.save_weights(tmp_path / 'final.weights.h5')
+    keras_logits = np.asarray(model(images, training=False))
+    for path in (tmp_path / 'birds.weights.h5', tmp_path / 'final.weights.h5'):
+        converted = convert_keras(path)
+        assert (converted.arch, converted.num_classes) == ('resnet50v2_keras', 4)
+        with torch.no_grad():
+            ours = build_model(converted)(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+        _assert_close(ours, keras_logits, path.name)
+
+
+@pytest.mark.parametrize('pitfall', ['swap_conv2_block1_0_and_3_conv', 'nn_maxpool_stem'])
+def test_parity_check_catches_mapping_pitfalls(keras_cases, pitfall):
+    """The suite can fail: a swap of two same-shaped convs, or -inf padding in the stem pool, breaks parity."""
+    case = keras_cases('resnet50v2_keras')
+    converted = convert_keras(case.files[True, 'weights_h5'])
+    if pitfall == 'swap_conv2_block1_0_and_3_conv':
+        sd = converted.state_dict
+        for name in ('weight', 'bias'):
+            a, b = f'stages.0.blocks.0.downsample.{name}', f'stages.0.blocks.0.conv3.{name}'
+            assert sd[a].shape == sd[b].shape
+            sd[a], sd[b] = sd[b], sd[a]
+    model = build_model(converted)
+    if pitfall == 'nn_maxpool_stem':
+        model.stem.pool = nn.MaxPool2d(3, stride=2, padding=1)
+    with torch.no_grad():
+        ours = model(torch.from_numpy(case.images[97]))
+    with pytest.raises(AssertionError, match='max \\|keras - ours\\|'):
+        _assert_close(ours, case.reference[97, 'logits'], pitfall)
