@@ -124,7 +124,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
 
 
 def write_results(stem: Path, rows: List[Dict[str, Any]], meta: Dict[str, Any], table: str) -> List[Path]:
-    """Write `stem`.csv, `stem`.json ({"meta", "results"}) and `stem`.md, each atomically."""
+    """Write `stem`.csv, `stem`.json ({"meta", "results"}) and `stem`.md, each atomically, and print the table."""
     fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fieldnames)
@@ -142,4 +142,14 @@ def write_results(stem: Path, rows: List[Dict[str, Any]], meta: Dict[str, Any], 
         with atomic_file(path) as tmp:
             tmp.write_text(content)
         paths.append(path)
+    print(table)
+    print('wrote ' + ', '.join(map(str, paths)))
     return paths
+
+
+def run_script(main: Callable[[], Any], worker_main: Callable[[Dict[str, Any]], None]) -> None:
+    """A benchmark script's entry point: the parent runs `main()`, a worker (`--worker SPEC`) serves requests."""
+    if len(sys.argv) == 3 and sys.argv[1] == '--worker':
+        worker_main(json.loads(sys.argv[2]))
+    else:
+        main()

@@ -10,14 +10,14 @@ each method in its own worker process (Keras's in a TensorFlow one), after one u
   create_model      `timm.create_model(arch, pretrained=True)` from the package cache (converted once up front)
   keras_load        Keras: build the model and `load_weights(path)`
 
-Peak memory is the rise of the worker's peak RSS during one call over its RSS before it (the peak is
-reset first through /proc/self/clear_refs), against the size of the weights as float32.
+Peak memory is the largest rise of the worker's peak RSS during one call (warm-up included) over its RSS
+before that call (the peak is reset first through /proc/self/clear_refs), against the size of the weights
+as float32. `h5py_read` holds one tensor at a time, so its peak is the largest tensor.
 
     python benchmarks/convert_speed.py                       # all three depths, 3 rounds
     python benchmarks/convert_speed.py --archs resnet50v2_keras --rounds 1
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from bench_utils import RESULTS_DIR, Worker, machine_tag, markdown_table, serve, write_results
+from bench_utils import RESULTS_DIR, Worker, machine_tag, markdown_table, run_script, serve, write_results
 
 ARCHS = ('resnet50v2_keras', 'resnet101v2_keras', 'resnet152v2_keras')
 KERAS_APPS = dict(zip(ARCHS, ('ResNet50V2', 'ResNet101V2', 'ResNet152V2')))
@@ -137,9 +137,12 @@ def bench_arch(arch: str, workers: Dict[str, Worker], args: argparse.Namespace, 
         convert_to_dir(path, cached, arch=arch)
 
     samples: Dict[str, List[Dict[str, float]]] = {method: [] for method in workers}
+    peaks: Dict[str, List[float]] = {method: [] for method in workers}
     for round_idx in range(args.rounds + 1):  # round 0 warms up
         for method, worker in workers.items():
             result = worker.request('run', method=method, arch=arch, path=path)
+            # the first call's peak counts too: allocators that keep freed memory (TensorFlow's) rise only once
+            peaks[method].append(result['peak_mb'])
             if round_idx:
                 samples[method].append(result)
         print(f'{arch} round {round_idx}/{args.rounds}: ' + ', '.join(
@@ -153,7 +156,7 @@ def bench_arch(arch: str, workers: Dict[str, Worker], args: argparse.Namespace, 
         row[f'{method}_s'] = round(statistics.median(seconds), 3)
         row[f'{method}_s_min'] = round(min(seconds), 3)
         row[f'{method}_s_max'] = round(max(seconds), 3)
-        row[f'{method}_peak_mb'] = round(max(r['peak_mb'] for r in results), 1)
+        row[f'{method}_peak_mb'] = round(max(peaks[method]), 1)
     for name, (num, den, _) in RATIOS.items():
         row[name] = round(row[num] / row[den], 3)
     return row
@@ -196,14 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     columns.update({name: f'{name} (<= {limit})' for name, (_, _, limit) in RATIOS.items()})
     table = markdown_table(rows, columns)
     stem = args.out_dir / '_'.join(filter(None, ['convert_speed', meta['machine'], args.name]))
-    paths = write_results(stem, rows, meta, table)
-    print(table)
-    print('wrote ' + ', '.join(map(str, paths)))
-    return paths
+    return write_results(stem, rows, meta, table)
 
 
 if __name__ == '__main__':
-    if len(sys.argv) == 3 and sys.argv[1] == '--worker':
-        worker_main(json.loads(sys.argv[2]))
-    else:
-        main()
+    run_script(main, worker_main)

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import importlib.metadata
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -38,7 +37,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from bench_utils import RESULTS_DIR, Worker, machine_tag, markdown_table, peak_rss_mb, serve, write_results
+from bench_utils import (
+    RESULTS_DIR,
+    Worker,
+    machine_tag,
+    markdown_table,
+    peak_rss_mb,
+    run_script,
+    serve,
+    write_results,
+)
 
 MODEL_OPTIONS = ('cl', 'compile', 'optimized')
 PRECISIONS = {'fp32': None, 'bf16': 'bfloat16', 'fp16': 'float16'}
@@ -53,7 +61,7 @@ GPU_MODELS = [
     for name in ('resnet50v2_keras', 'resnet101v2_keras', 'resnet152v2_keras',
                  'resnetv2_50', 'resnet50', 'torchvision/resnet50')
     for opts in ('cl', 'cl+compile')
-] + ['resnet50v2_keras:optimized+cl+compile', 'keras/ResNet50V2', 'keras/ResNet50V2:compile']
+] + ['resnet50v2_keras:optimized+cl+compile']  # no Keras: the [keras] extra is tensorflow-cpu
 GPU_SUITE = dict(
     device='cuda', batch_sizes=[256], precisions=['bf16'], modes=['infer', 'train'], models=GPU_MODELS,
     peer='resnetv2_50:cl', rounds=5, steps=10, warmup=10,
@@ -240,6 +248,7 @@ def bench_group(models: List[Dict[str, Any]], peer: str, setting: Dict[str, Any]
             f'{prefix}_ratio_to_peer_min': round(ratio['min'], 3),
             f'{prefix}_ratio_to_peer_max': round(ratio['max'], 3),
             f'{prefix}_peak_mem_mb': round(memory[label], 1),
+            f'{prefix}_rounds_samples_per_sec': [round(r, 2) for r in rates],  # for ratios to any other model
             f'{prefix}_runtime_mem_mb': round(info[label]['runtime_mem_mb'], 1),
         })
     return rows
@@ -289,7 +298,8 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         torch=torch.__version__, timm=timm.__version__, cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(), device=args.device, machine=machine_tag(args.device),
         load_average_start=os.getloadavg(), args=vars(args),
-        memory_note=('peak_mem_mb: torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else
+        memory_note=('peak_mem_mb: torch.cuda.max_memory_allocated; runtime_mem_mb: allocated once the model is '
+                     'built (its weights)' if args.device.startswith('cuda') else
                      'peak_mem_mb: peak RSS of the model\'s own worker process (ru_maxrss); runtime_mem_mb: '
                      'its RSS after importing the framework, before building the model'),
     )
@@ -339,14 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     meta['load_average_end'] = os.getloadavg()
     stem = args.out_dir / '_'.join(filter(None, ['throughput', meta['machine'], args.name]))
     table = results_table(rows, args.modes)
-    paths = write_results(stem, rows, meta, table)
-    print(table)
-    print('wrote ' + ', '.join(map(str, paths)))
-    return paths
+    return write_results(stem, rows, meta, table)
 
 
 if __name__ == '__main__':
-    if len(sys.argv) == 3 and sys.argv[1] == '--worker':
-        worker_main(json.loads(sys.argv[2]))
-    else:
-        main()
+    run_script(main, worker_main)

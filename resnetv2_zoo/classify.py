@@ -64,12 +64,14 @@ def load_classifier(spec: PathLike) -> torch.nn.Module:
 
 
 def label_names_of(model: torch.nn.Module) -> List[str]:
-    """Class names the checkpoint carries; ImageNet's descriptions for a 1000-class model without any."""
-    names = model.pretrained_cfg.get('label_names')
-    if names and len(names) == model.num_classes:
-        return list(names)
+    """Class names the checkpoint carries; for ImageNet (synset ids or no names) the readable descriptions."""
+    names = list(model.pretrained_cfg.get('label_names') or [])
     if model.num_classes == 1000:
-        return list(ImageNetInfo().label_descriptions())
+        imagenet = ImageNetInfo()
+        if not names or names == list(imagenet.label_names()):
+            return list(imagenet.label_descriptions())
+    if len(names) == model.num_classes:
+        return names
     return [f'class {i}' for i in range(model.num_classes)]
 
 

@@ -23,7 +23,7 @@ from timm.models import adapt_input_conv
 from . import __version__
 from .checkpoint import load_model, save_model_dir, save_weights_file
 from .errors import KerasFileError, ResNetV2ZooError
-from .keras_files import KerasWeights, file_sha256, read_keras_weights
+from .keras_files import KerasWeights, file_hexdigest, read_keras_weights
 from .keras_names import iter_tensor_names, keras_class, keras_layer_names, layer_vars, to_torch_layout
 from .resnetv2_keras import KERAS_BLOCK_COUNTS
 
@@ -43,8 +43,8 @@ class ConvertedKeras:
 
     arch: str  # 'resnet50v2_keras' | 'resnet101v2_keras' | 'resnet152v2_keras'
     num_classes: int  # 0 when the file has no top
-    state_dict: Dict[str, torch.Tensor]
-    metadata: Dict[str, str]  # source_file, source_sha256, keras_version, converter_version, source_format
+    state_dict: Dict[str, torch.Tensor]  # views in Keras's memory order; see keras_names.to_torch_layout
+    metadata: Dict[str, str]  # source_file, keras_version, converter_version, source_format
 
 
 def convert_keras(source: Union[PathLike, Any], arch: str = 'auto') -> ConvertedKeras:
@@ -61,10 +61,8 @@ def convert_keras(source: Union[PathLike, Any], arch: str = 'auto') -> Converted
     arch = _detect_arch(weights, arch)
     num_classes = _num_classes(weights)
     state_dict = _assemble_state_dict(weights, arch, num_classes)
-    is_file = isinstance(source, (str, os.PathLike))
     metadata = {
-        'source_file': Path(source).name if is_file else weights.source,
-        'source_sha256': file_sha256(source) if is_file else '',
+        'source_file': Path(source).name if _is_file(source) else weights.source,
         'keras_version': weights.keras_version,
         'converter_version': __version__,
         'source_format': weights.source_format,
@@ -109,18 +107,25 @@ def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label
         raise ResNetV2ZooError(f'cannot write {out}: directory {out.parent} does not exist')
     converted = convert_keras(source, arch)
     _check_labels(label_names, converted.num_classes)
-    model = build_model(converted)
     if verify:
         verification = verify_against_keras(source, converted)
         print(verification.summary())
         if not verification.passed:
             raise ResNetV2ZooError(f'{source}: Keras and the converted model disagree; nothing written')
+    # The hash is for written files only: it costs more than reading the tensors does.
+    metadata = {**converted.metadata, 'source_sha256': file_hexdigest(source) if _is_file(source) else ''}
+    model = build_model(converted)
+    del converted  # the model holds the weights now; keeps the peak near two copies while writing and checking
     if single_file:
-        save_weights_file(model, out, label_names, converted.metadata)
+        save_weights_file(model, out, label_names, metadata)
     else:
-        save_model_dir(model, out, label_names, converted.metadata)
+        save_model_dir(model, out, label_names, metadata)
     _check_loads_back(out, model)
     return out
+
+
+def _is_file(source: Union[PathLike, Any]) -> bool:
+    return isinstance(source, (str, os.PathLike))
 
 
 def _check_labels(label_names: Optional[Sequence[str]], num_classes: int) -> None:
@@ -208,7 +213,7 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int) -> 
                 problems['tensor mismatches'].append(
                     f'{layer}/{keras_var}: expected shape {expected_shape}, found {found[keras_var].shape}')
             else:
-                state_dict[key] = torch.from_numpy(to_torch_layout(found[keras_var]))
+                state_dict[key] = to_torch_layout(found[keras_var])
     unfilled = sorted(model_shapes.keys() - state_dict.keys())
     if any(problems.values()) or unfilled:
         lines = [f'{kind}: {_listing(items)}' for kind, items in problems.items() if items]

@@ -156,7 +156,7 @@ def create_classifier(args: argparse.Namespace, num_classes: int, dist: Distribu
     from . import resnetv2_keras  # noqa: F401  (registers the architectures with timm)
 
     if resuming:
-        return timm.create_model(args.model, num_classes=num_classes), 'resume checkpoint'
+        return timm.create_model(args.model, num_classes=num_classes), 'resume checkpoint'  # weights: loaded next
     if args.init:
         return load_model(args.init, num_classes=num_classes), f'init {args.init}'
     if args.pretrained is False:
@@ -258,7 +258,8 @@ class Run:
         if not self.dist.is_main:
             return
         state = dict(
-            format=RESUME_FORMAT, args=plain_args(self.args), classes=self.classes, progress=asdict(self.progress),
+            format=RESUME_FORMAT, args=plain_args(self.args), classes=self.classes, source=self.source,
+            progress=asdict(self.progress),
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
             ema=self.ema.state_dict() if self.ema is not None else None, rng=rng_states)
@@ -273,6 +274,7 @@ class Run:
         if self.ema is not None:
             self.ema.load_state_dict(state['ema'])
         self.progress = Progress(**state['progress'])
+        self.source = state['source']
         if len(state['rng']) == self.dist.world_size:
             set_rng_state(state['rng'][self.dist.rank])
         else:

@@ -80,9 +80,9 @@ def read_keras_weights(
     return weights
 
 
-def file_sha256(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of megabytes)."""
-    digest = hashlib.sha256()
+def file_hexdigest(path: PathLike, algorithm: str = 'sha256') -> str:
+    """Hex digest of a file, read in chunks (checkpoints are hundreds of megabytes)."""
+    digest = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)

@@ -8,6 +8,7 @@ import re
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
+import torch
 
 # Keras layer name -> module name, for the layers outside the residual blocks.
 TOP_LEVEL_LAYERS: Dict[str, str] = {
@@ -89,13 +90,19 @@ def keras_class(layer: str) -> str:
     return 'batch_normalization' if layer.endswith('_bn') else 'conv2d'
 
 
-def to_torch_layout(array: np.ndarray) -> np.ndarray:
-    """Keras conv kernels are HWIO and dense kernels (in, out); PyTorch wants OIHW and (out, in)."""
-    if array.ndim == 4:
-        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-    if array.ndim == 2:
-        return np.ascontiguousarray(array.T)
-    return array
+def to_torch_layout(array: np.ndarray) -> torch.Tensor:
+    """Keras conv kernels are HWIO and dense kernels (in, out); PyTorch wants OIHW and (out, in).
+
+    Returns a transposed view, not a copy: `load_state_dict` copies into the parameters anyway, and
+    a separate transposing copy would cost more than reading the file. Call `.contiguous()` before
+    serializing such a tensor directly.
+    """
+    tensor = torch.from_numpy(array)
+    if tensor.ndim == 4:
+        return tensor.permute(3, 2, 0, 1)
+    if tensor.ndim == 2:
+        return tensor.T
+    return tensor
 
 
 def iter_tensor_names(layer: str) -> Iterator[Tuple[str, str]]:

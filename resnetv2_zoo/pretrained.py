@@ -18,7 +18,6 @@ cache at the same time serialise on a file lock and the converted directory appe
 so there is exactly one conversion and readers never see a partial file. Nothing here imports
 TensorFlow or Keras.
 """
-import hashlib
 import logging
 import os
 import tempfile
@@ -32,6 +31,7 @@ from timm.models import resolve_pretrained_cfg
 
 from .checkpoint import WEIGHTS_NAME, read_weights_metadata
 from .errors import WeightsUnavailableError
+from .keras_files import file_hexdigest
 
 __all__ = [
     'KERAS_WEIGHTS_URL', 'KERAS_WEIGHTS_MD5', 'PRETRAINED_TAG', 'cache_dir', 'keras_cache_dir', 'downloads_disabled',
@@ -85,14 +85,6 @@ def _expected_md5(arch: str, include_top: bool) -> str:
     return with_top if include_top else without_top
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _converted_dir(arch: str, include_top: bool) -> Path:
     return cache_dir() / f'{arch}.{PRETRAINED_TAG}{"" if include_top else "-notop"}'
 
@@ -123,7 +115,7 @@ def _download_and_convert(arch: str, include_top: bool) -> Path:
         h5 = Path(tmp) / keras_weights_file_name(arch, include_top)
         _logger.info(f'Downloading {url}')
         torch.hub.download_url_to_file(url, str(h5), progress=True)
-        found = _md5(h5)
+        found = file_hexdigest(h5, 'md5')
         if found != expected:
             raise WeightsUnavailableError(
                 f'{url} downloaded with MD5 {found}, expected {expected}; the file was discarded and nothing '
@@ -165,7 +157,7 @@ def cached_keras_weights(arch: str, include_top: bool = True) -> Path:
             if not h5.is_file():
                 reasons.append(f'no {h5}')
                 continue
-            found, expected = _md5(h5), _expected_md5(arch, top)
+            found, expected = file_hexdigest(h5, 'md5'), _expected_md5(arch, top)
             if found == expected:
                 return _convert_into_cache(h5, arch, top)
             reasons.append(f'{h5} has MD5 {found}, expected {expected} (ignored)')

@@ -31,7 +31,9 @@ BN_EPS = 1.001e-5
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
 EXPANSION = 4
 STAGE_STRIDES = (2, 2, 2, 1)  # Keras `stride1` of conv2..conv5, applied by each stage's last block
-GLOBAL_POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax')
+# timm's pool types; the 'fast' ones (timm's benchmark.py `--gp fast`) compute the same with a mean/amax
+GLOBAL_POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax',
+                     'fastcatavgmax')
 
 BatchNormReLU = partial(BatchNormAct2d, eps=BN_EPS, momentum=BN_MOMENTUM, act_layer=nn.ReLU)
 
@@ -155,7 +157,7 @@ class ResNetV2Keras(nn.Module):
             channels: bottleneck width per stage; stage outputs are 4x this.
             num_classes: classifier outputs; 0 removes the classifier (features only).
             in_chans: input image channels.
-            global_pool: one of '', 'avg', 'max', 'avgmax', 'catavgmax' ('' like Keras `pooling=None`).
+            global_pool: one of GLOBAL_POOL_TYPES ('' like Keras `pooling=None`, 'avg', 'max', ...).
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, rising linearly over all blocks to this rate.
         """

@@ -40,8 +40,8 @@ def read_results(out_dir: Path, prefix: str):
 @pytest.mark.keras
 def test_throughput_smoke(tmp_path):
     run_script('throughput.py', '--models', 'resnet50v2_keras:optimized', 'keras/ResNet50V2',
-               '--peer', 'resnet50v2_keras:cl', '--img-size', '32', '--batch-sizes', '2', '--rounds', '1', '--steps', '1',
-               '--warmup', '0', '--out-dir', str(tmp_path))
+               '--peer', 'resnet50v2_keras:cl', '--img-size', '32', '--batch-sizes', '2',
+               '--rounds', '1', '--steps', '1', '--warmup', '0', '--out-dir', str(tmp_path))
     csv_rows, payload, table = read_results(tmp_path, 'throughput')
     rows = {row['model']: row for row in payload['results']}
     assert list(rows) == ['resnet50v2_keras:cl', 'resnet50v2_keras:optimized', 'keras/ResNet50V2']
@@ -52,6 +52,7 @@ def test_throughput_smoke(tmp_path):
         assert row['infer_samples_per_sec'] == pytest.approx(2000 / row['infer_step_time'], rel=1e-2)
         assert row['infer_peak_mem_mb'] > row['infer_runtime_mem_mb'] > 0
         assert row['infer_peer'] == 'resnet50v2_keras:cl'
+        assert row['infer_rounds_samples_per_sec'] == [row['infer_samples_per_sec']]
     assert rows['resnet50v2_keras:cl']['infer_ratio_to_peer'] == 1.0
     # the optimized mode is inference-only; the others were trained one step too
     assert not any(key.startswith('train_') for key in rows['resnet50v2_keras:optimized'])

@@ -93,7 +93,6 @@ def test_every_format_gives_the_same_weights(keras_files, reference, file_format
     _assert_same_weights(converted, reference)
     path = keras_files[file_format]
     assert converted.metadata['source_file'] == path.name
-    assert converted.metadata['source_sha256'] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert converted.metadata['converter_version'] == resnetv2_zoo.__version__
     assert converted.metadata['source_format'] == file_format.replace('_unnamed', '')
     expected_version = 'unknown' if file_format.startswith('weights_h5') else import_keras().__version__

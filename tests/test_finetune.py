@@ -13,10 +13,12 @@ import safetensors.torch
 import timm
 import torch
 from PIL import Image
+from timm.data import ImageNetInfo
 
 import resnetv2_zoo  # noqa: F401  (registers the models with timm)
-from resnetv2_zoo.checkpoint import load_model
+from resnetv2_zoo.checkpoint import load_model, save_weights_file
 from resnetv2_zoo.cli import main
+from resnetv2_zoo.data import build_transforms, load_rgb
 from resnetv2_zoo.demo import SYNTHETIC_CLASSES, make_synthetic_dataset
 from resnetv2_zoo.errors import WeightsUnavailableError
 from resnetv2_zoo.finetune import RUN_FILES, Distributed, create_classifier, finetune_args
@@ -140,6 +142,37 @@ def test_evaluate_and_predict_agree(finished_run, synthetic, tmp_path, capsys):
     assert predictions[0]['top'][0][0] in capsys.readouterr().out
 
 
+def test_init_frozen_backbone_and_ema(finished_run, synthetic, tmp_path):
+    """--init starts from a checkpoint; --freeze-epochs trains only the head; --ema-decay saves the average."""
+    init = finished_run / RUN_FILES['best']
+    out = tmp_path / 'run'
+    assert main(tiny_argv(synthetic / 'train', out, '--init', str(init), '--epochs', '1', '--freeze-epochs', '1',
+                          '--ema-decay', '0.9', '--val-split', '0.25')) == 0
+    assert json.loads((out / RUN_FILES['summary']).read_text())['weights'] == f'init {init}'
+    before = dict(load_model(init).named_parameters())
+    after = dict(load_model(out / RUN_FILES['best']).named_parameters())
+    head = {name for name in after if name.startswith('head.fc.')}
+    assert head == {'head.fc.weight', 'head.fc.bias'}
+    for name, param in after.items():
+        if name in head:
+            assert not torch.allclose(param, before[name])
+        else:  # frozen: the EMA of a constant is that constant, up to rounding
+            torch.testing.assert_close(param, before[name], rtol=1e-6, atol=1e-7)
+
+
+def test_imagenet_checkpoint_predicts_imagenet_names(tmp_path, capsys):
+    model = timm.create_model('resnet50v2_keras').eval()  # 1000 classes, no label names of its own
+    weights = save_weights_file(model, tmp_path / 'in1k.safetensors')
+    image = tmp_path / 'image.png'
+    Image.new('RGB', (40, 40), 'orange').save(image)
+    assert main(['predict', str(weights), str(image), '--top-k', '5', '--json']) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)
+    descriptions = ImageNetInfo().label_descriptions()
+    with torch.no_grad():
+        expected = model(build_transforms(model, augment=False)[1](load_rgb(image))[None]).topk(5).indices[0]
+    assert [name for name, _ in prediction['top']] == [descriptions[i] for i in expected]
+
+
 def test_explicit_pretrained_offline_is_an_error(synthetic, tmp_path, offline_pretrained, capsys):
     out = tmp_path / 'run'
     assert main(tiny_argv(synthetic / 'train', out, '--pretrained')) == 2
@@ -188,6 +221,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tmp_path):
 
     assert main(['finetune', '--resume', str(killed)]) == 0
     assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))
+    assert json.loads((killed / RUN_FILES['summary']).read_text())['weights'] == 'scratch'
     weights = [safetensors.torch.load_file(run / RUN_FILES['best'] / 'model.safetensors') for run in (straight, killed)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -219,4 +253,5 @@ def test_real_photos_beat_chance(tmp_path):
                  str(out), '--img-size', '32', '--epochs', '3', '--no-pretrained', '--workers', '0']) == 0
     summary = json.loads((out / RUN_FILES['summary']).read_text())
     assert summary['val_images'] == 223 and summary['skipped_images'] == 0
-    assert summary['best_val_acc'] > 0.25 + 0.25  # chance is 25%; measured: see the note
+    # chance is 25%; measured 79.8% (2 CPU threads, seed 0): the margin leaves room for other CPUs and versions
+    assert summary['best_val_acc'] > 0.25 + 0.35

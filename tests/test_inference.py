@@ -88,6 +88,7 @@ def test_compiled_matches_eager():
         out = compiled(x)
         assert_close(out, expected)
         assert torch.equal(compiled(x), out)
+    assert not torch._inductor.config.freezing  # switched on around the calls only, not for the whole process
 
 
 def test_refuses_training_mode_and_other_models():
