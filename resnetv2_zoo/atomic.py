@@ -6,7 +6,18 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
+from .errors import ResNetV2ZooError
+
 PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def _write_errors_named(path: Path) -> Iterator[None]:
+    """A failed write (disk full, file size limit, permissions) as one clear error naming the output."""
+    try:
+        yield
+    except OSError as e:
+        raise ResNetV2ZooError(f'cannot write {path}: {e.strerror or e}; any previous {path.name} is intact') from e
 
 
 @contextlib.contextmanager
@@ -17,16 +28,17 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     looks for, and the previous `path`, if any, is untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _write_errors_named(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -37,15 +49,16 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     crash leaves either the old directory, the new one, or the old one under a dot-name.
     """
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
-    old = None
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.old'))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    with _write_errors_named(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
+        old = None
+        try:
+            yield tmp
+            if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.old'))
+                os.replace(path, old / path.name)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)

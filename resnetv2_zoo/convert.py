@@ -21,7 +21,7 @@ import torch
 from timm.models import adapt_input_conv
 
 from . import __version__
-from .checkpoint import load_model, save_model_dir, save_weights_file
+from .checkpoint import check_writable_parent, load_model, save_model_dir, save_weights_file
 from .errors import KerasFileError, ResNetV2ZooError
 from .keras_files import KerasWeights, file_hexdigest, read_keras_weights
 from .keras_names import iter_tensor_names, keras_class, keras_layer_names, layer_vars, to_torch_layout
@@ -31,6 +31,7 @@ PathLike = Union[str, os.PathLike]
 ARCHS = tuple(KERAS_BLOCK_COUNTS)
 TOLERANCE = 1e-5  # max |keras - ours| <= TOLERANCE * max(1, max |keras|), float32
 MAX_LISTED = 12  # problems listed per kind in an error message
+NONFINITE = 'non-finite values (pass --allow-nonfinite / allow_nonfinite=True to accept them)'
 
 _BLOCK_LAYER_RE = re.compile(r'^conv(?P<stage>[2-5])_block(?P<block>\d+)_')
 # Layers that exist in Keras's ResNet (v1) but not in ResNetV2.
@@ -47,20 +48,22 @@ class ConvertedKeras:
     metadata: Dict[str, str]  # source_file, keras_version, converter_version, source_format
 
 
-def convert_keras(source: Union[PathLike, Any], arch: str = 'auto') -> ConvertedKeras:
+def convert_keras(source: Union[PathLike, Any], arch: str = 'auto', allow_nonfinite: bool = False) -> ConvertedKeras:
     """Read a Keras ResNetV2 file (legacy `.h5`, `.weights.h5`, `.keras`) or a live `keras.Model`.
 
     Args:
         source: the file, or the model.
         arch: 'auto' to take the depth from the file, or the expected architecture (refused if the
             file holds another one).
+        allow_nonfinite: accept NaN and Inf values (refused by default: they are a damaged or diverged
+            checkpoint, and would only show up later as NaN outputs).
     """
     if arch != 'auto' and arch not in ARCHS:
         raise ResNetV2ZooError(f'unknown arch {arch!r}; expected auto or one of {", ".join(ARCHS)}')
     weights = read_keras_weights(source, layer_order=_weights_h5_layer_order)
     arch = _detect_arch(weights, arch)
     num_classes = _num_classes(weights)
-    state_dict = _assemble_state_dict(weights, arch, num_classes)
+    state_dict = _assemble_state_dict(weights, arch, num_classes, allow_nonfinite)
     metadata = {
         'source_file': Path(source).name if _is_file(source) else weights.source,
         'keras_version': weights.keras_version,
@@ -90,22 +93,23 @@ def build_model(converted: ConvertedKeras, **create_kwargs: Any) -> torch.nn.Mod
 
 
 def convert_to_dir(source: Union[PathLike, Any], out_dir: PathLike, arch: str = 'auto',
-                   label_names: Optional[Sequence[str]] = None) -> Path:
+                   label_names: Optional[Sequence[str]] = None, allow_nonfinite: bool = False) -> Path:
     """Convert and write `out_dir` in timm's `save_for_hf` layout; it is loaded back and checked."""
-    return _convert_and_write(source, Path(out_dir), arch, label_names, single_file=False)
+    return _convert_and_write(source, Path(out_dir), arch, label_names, single_file=False,
+                              allow_nonfinite=allow_nonfinite)
 
 
 def convert_to_file(source: Union[PathLike, Any], out_file: PathLike, arch: str = 'auto',
-                    label_names: Optional[Sequence[str]] = None) -> Path:
+                    label_names: Optional[Sequence[str]] = None, allow_nonfinite: bool = False) -> Path:
     """Convert and write one self-describing `.safetensors` file; it is loaded back and checked."""
-    return _convert_and_write(source, Path(out_file), arch, label_names, single_file=True)
+    return _convert_and_write(source, Path(out_file), arch, label_names, single_file=True,
+                              allow_nonfinite=allow_nonfinite)
 
 
 def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label_names: Optional[Sequence[str]],
-                       single_file: bool, verify: bool = False) -> Path:
-    if not out.parent.is_dir():
-        raise ResNetV2ZooError(f'cannot write {out}: directory {out.parent} does not exist')
-    converted = convert_keras(source, arch)
+                       single_file: bool, verify: bool = False, allow_nonfinite: bool = False) -> Path:
+    check_writable_parent(out)
+    converted = convert_keras(source, arch, allow_nonfinite)
     _check_labels(label_names, converted.num_classes)
     if verify:
         verification = verify_against_keras(source, converted)
@@ -137,12 +141,19 @@ def _check_loads_back(out: Path, model: torch.nn.Module) -> None:
     """Load what was written with the package's own loader and require identical tensors."""
     loaded = load_model(out).state_dict()
     expected = model.state_dict()
-    if loaded.keys() != expected.keys() or any(not torch.equal(loaded[k], expected[k]) for k in expected):
+    if loaded.keys() != expected.keys() or any(not _same_bits(loaded[k], expected[k]) for k in expected):
         if out.is_dir():
             shutil.rmtree(out, ignore_errors=True)
         else:
             out.unlink(missing_ok=True)
         raise ResNetV2ZooError(f'{out} was written but does not load back to the converted weights; removed it')
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, unlike torch.equal, for which NaN (accepted with allow_nonfinite) differs from itself."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 # --- mapping and validation ---
@@ -186,7 +197,8 @@ def _num_classes(weights: KerasWeights) -> int:
     return int(kernel.shape[-1]) if kernel is not None and kernel.ndim == 2 else 0
 
 
-def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int) -> Dict[str, torch.Tensor]:
+def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int,
+                         allow_nonfinite: bool) -> Dict[str, torch.Tensor]:
     """Map every Keras tensor to its model tensor, or raise listing every difference at once."""
     model_shapes = _model_shapes(arch, num_classes)
     # BatchNorm's step counters have no Keras counterpart; a converted model has taken no training steps.
@@ -197,6 +209,7 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int) -> 
         'missing layers': [n for n in expected_layers if n not in weights.layers],
         'unexpected layers': sorted(set(weights.layers) - set(expected_layers)),
         'tensor mismatches': [],
+        NONFINITE: [],
     }
     state_dict: Dict[str, torch.Tensor] = {}
     for layer in expected_layers:
@@ -214,6 +227,8 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int) -> 
                     f'{layer}/{keras_var}: expected shape {expected_shape}, found {found[keras_var].shape}')
             else:
                 state_dict[key] = to_torch_layout(found[keras_var])
+                if not allow_nonfinite:
+                    problems[NONFINITE].extend(_nonfinite(f'{layer}/{keras_var}', found[keras_var]))
     unfilled = sorted(model_shapes.keys() - state_dict.keys())
     if any(problems.values()) or unfilled:
         lines = [f'{kind}: {_listing(items)}' for kind, items in problems.items() if items]
@@ -222,6 +237,11 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int) -> 
         raise KerasFileError(f'{weights.source} ({weights.source_format}) does not match {arch} '
                              f'with {num_classes} classes:\n  ' + '\n  '.join(lines))
     return {**state_dict, **counters}
+
+
+def _nonfinite(name: str, value: np.ndarray) -> List[str]:
+    nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+    return [f'{name}: {nan} NaN, {inf} Inf'] if nan or inf else []
 
 
 @functools.lru_cache(maxsize=8)
@@ -339,6 +359,8 @@ def register(subparsers: Any) -> None:
                         help='expected architecture (default: detected from the file)')
     parser.add_argument('--labels', type=Path, help='text file with one class name per line')
     parser.add_argument('--single-file', action='store_true', help='write one self-describing .safetensors file')
+    parser.add_argument('--allow-nonfinite', action='store_true',
+                        help='accept NaN/Inf weights (refused by default, naming the layers that hold them)')
     parser.add_argument('--verify', action='store_true',
                         help='also run Keras (TensorFlow needed) on the same input and compare outputs')
     parser.set_defaults(func=_run)
@@ -346,5 +368,6 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     labels = read_labels(args.labels) if args.labels else None
-    out = _convert_and_write(args.input, args.output, args.arch, labels, args.single_file, args.verify)
+    out = _convert_and_write(args.input, args.output, args.arch, labels, args.single_file, args.verify,
+                             args.allow_nonfinite)
     print(f'wrote {out}')

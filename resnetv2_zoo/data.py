@@ -89,14 +89,24 @@ def scan_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None) -
         raise ResNetV2ZooError(f'{root} has class folders {found}, expected the training classes {list(classes)}')
     class_to_idx = {name: i for i, name in enumerate(classes)}
     candidates = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    samples, skipped = [], []
+    samples, skipped, seen, repeats = [], [], set(), 0
     for path, target in candidates:
+        # make_dataset follows symlinks: a link back up the tree (a loop) repeats files until the OS stops it
+        # with ELOOP, and a linked copy would leak a training image into validation. Keep one path per file.
+        real_path = os.path.realpath(path)
+        if real_path in seen:
+            repeats += 1
+            continue
+        seen.add(real_path)
         reason = _unreadable_reason(path)
         if reason is None:
             samples.append((path, target))
         else:
             skipped.append((path, reason))
             _logger.warning('skipping unreadable image %s (%s)', path, reason)
+    if repeats:
+        _logger.warning('%d paths under %s lead to files already listed (symbolic links); each file is used once',
+                        repeats, root)
     counts = np.bincount([t for _, t in samples], minlength=len(classes))
     empty = [classes[i] for i in np.flatnonzero(counts == 0)]
     if empty:

@@ -264,7 +264,10 @@ class Run:
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
             ema=self.ema.state_dict() if self.ema is not None else None, rng=rng_states)
         with atomic_file(self.path('resume')) as tmp:
-            torch.save(state, tmp)
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as e:  # how torch reports a failed write (disk full): not an OSError
+                raise OSError(str(e)) from e
 
     def load_state(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state['model'])
@@ -443,8 +446,9 @@ def read_resume_state(run_dir: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a foreign or damaged file: torch raises pickle/zip errors of many kinds
         raise ResNetV2ZooError(f'{path} is not a resume checkpoint ({type(e).__name__}: {e})') from e
-    if state.get('format') != RESUME_FORMAT:
-        raise ResNetV2ZooError(f'{path} has resume format {state.get("format")}, expected {RESUME_FORMAT}')
+    if not isinstance(state, dict) or state.get('format') != RESUME_FORMAT:
+        found = state.get('format') if isinstance(state, dict) else type(state).__name__
+        raise ResNetV2ZooError(f'{path} has resume format {found}, expected {RESUME_FORMAT}')
     return state
 
 

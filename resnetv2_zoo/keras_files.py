@@ -14,13 +14,14 @@ Keras, through the model object it is handed. Formats:
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
@@ -32,6 +33,16 @@ LayerWeights = Dict[str, Dict[str, np.ndarray]]
 # Class counts of a name-less `.weights.h5` ({'conv2d': 69, ...}) -> layer names per class, in Keras's
 # numbering, or None when no known model has these counts.
 LayerOrder = Callable[[Dict[str, int]], Optional[Dict[str, Sequence[str]]]]
+
+# Caps checked on declared sizes before anything is read or decompressed. The largest ResNet152V2 tensor is
+# 9 MiB (2.4 MiB for float32 kernels, the 1000-class dense 8 MiB) and the whole model 240 MiB; the caps
+# leave room for heads of 100k+ classes.
+MAX_TENSOR_BYTES = 1 << 30
+MAX_TOTAL_BYTES = 4 << 30
+MAX_ZIP_MEMBER_BYTES = {'model.weights.h5': MAX_TOTAL_BYTES, 'config.json': 64 << 20, 'metadata.json': 1 << 20}
+# What h5py raises on a damaged file, depending on where the damage is: HDF5 errors surface as OSError,
+# KeyError or RuntimeError, bad metadata decodes as ValueError / TypeError / IndexError.
+H5PY_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
 
 # Order in which Keras 3 `save_own_variables` numbers the variables of a layer (trainable, then the rest).
 KERAS3_VAR_NAMES: Dict[str, Tuple[str, ...]] = {
@@ -68,16 +79,19 @@ def read_keras_weights(
         raise KerasFileError(f'{path} is a directory; expected a Keras weights file (.h5, .weights.h5 or .keras)')
     if not path.is_file():
         raise KerasFileError(f'{path}: no such file')
+    if path.stat().st_size == 0:
+        raise KerasFileError(f'{path} is empty (0 bytes); expected a Keras weights file')
     if zipfile.is_zipfile(path):
         return _read_keras_zip(path, layer_order)
     if not h5py.is_hdf5(path):
         raise KerasFileError(f'{path} is neither an HDF5 file nor a .keras archive')
     try:
         with h5py.File(path, 'r') as h5:
-            weights = _read_h5(h5, str(path), layer_order, config=None)
-    except (OSError, KeyError, RuntimeError) as e:  # h5py's errors for a damaged or truncated file
-        raise KerasFileError(f'{path} is truncated or corrupt: {e}') from e
-    return weights
+            return _read_h5(h5, str(path), layer_order, config=None)
+    except KerasFileError:
+        raise
+    except H5PY_ERRORS as e:
+        raise KerasFileError(f'{path} is truncated or corrupt: {type(e).__name__}: {e}') from e
 
 
 def file_hexdigest(path: PathLike, algorithm: str = 'sha256') -> str:
@@ -92,6 +106,7 @@ def file_hexdigest(path: PathLike, algorithm: str = 'sha256') -> str:
 def _read_h5(h5: h5py.File, source: str, layer_order: Optional[LayerOrder],
              config: Optional[Dict[str, Any]]) -> KerasWeights:
     """Tell the three HDF5 layouts apart; `config` is the `.keras` archive's config.json, if any."""
+    _check_self_contained(h5, source)
     if 'layer_names' in h5.attrs or 'layer_names0' in h5.attrs:
         return KerasWeights(_read_legacy_group(h5, source), source, 'legacy_h5_weights',
                             _attr_str(h5, 'keras_version') or 'unknown')
@@ -105,6 +120,77 @@ def _read_h5(h5: h5py.File, source: str, layer_order: Optional[LayerOrder],
     raise KerasFileError(
         f'{source} is an HDF5 file but not a Keras weights file: it has no `layer_names` attribute, '
         f'`model_weights` group or `layers` group (found top-level keys {sorted(h5.keys())[:10]})')
+
+
+def _check_self_contained(h5: h5py.File, source: str) -> None:
+    """Refuse, before reading any value, a file that would make HDF5 read other files, allocate without bound,
+    or hand back values that are not in the file.
+
+    External links, virtual datasets and external raw storage all name other files, which HDF5 opens
+    on access; a chunked dataset can declare any size and read back as fill value, a decompression bomb.
+    Damage that h5py reads without complaint (found by fuzzing) shows as values never written, or as
+    datasets whose values overlap or lie past the end of the file.
+    """
+    seen = set()
+    total_bytes = 0
+    spans: List[Tuple[int, int, str]] = []  # (offset, end, name) of each contiguous dataset's values in the file
+    pending = [('/', h5)]
+    while pending:
+        path, group = pending.pop()
+        for name in group:
+            member = f'{path.rstrip("/")}/{name}'
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise KerasFileError(f'{source}: {member} is an external link to {link.filename}:{link.path}; '
+                                     'refusing to read other files')
+            if isinstance(link, h5py.SoftLink):
+                continue  # points inside this file, at an object the walk reaches by its hard link
+            obj = group[name]
+            if obj.id in seen:
+                continue
+            seen.add(obj.id)
+            if isinstance(obj, h5py.Group):
+                pending.append((member, obj))
+            elif isinstance(obj, h5py.Dataset):
+                if obj.is_virtual or obj.external:
+                    kind = 'a virtual dataset' if obj.is_virtual else 'stored in external files'
+                    raise KerasFileError(f'{source}: dataset {member} is {kind}; refusing to read other files')
+                nbytes = (obj.size or 0) * obj.dtype.itemsize
+                total_bytes += nbytes
+                if nbytes > MAX_TENSOR_BYTES or total_bytes > MAX_TOTAL_BYTES:
+                    raise KerasFileError(
+                        f'{source}: dataset {member} declares shape {obj.shape} of {obj.dtype} ({nbytes} bytes, '
+                        f'{total_bytes} in all so far); a ResNetV2 tensor is at most {MAX_TENSOR_BYTES} bytes '
+                        f'and a checkpoint at most {MAX_TOTAL_BYTES}')
+                if _unwritten(obj):
+                    raise KerasFileError(f'{source}: dataset {member} has only {obj.id.get_storage_size()} of its '
+                                         f'{nbytes} bytes of values in the file (the rest would read as fill value); '
+                                         'it is truncated or corrupt')
+                offset = obj.id.get_offset()
+                if offset is not None:
+                    spans.append((offset, offset + obj.id.get_storage_size(), member))
+    _check_disjoint(spans, h5.id.get_filesize(), source)
+
+
+def _unwritten(dataset: h5py.Dataset) -> bool:
+    """Values never (all) written, which HDF5 reads back as the fill value: Keras always writes every value."""
+    if dataset.chunks is None:
+        return dataset.id.get_storage_size() < (dataset.size or 0) * dataset.dtype.itemsize
+    chunks_needed = math.prod(-(-size // chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+    return dataset.id.get_num_chunks() < chunks_needed
+
+
+def _check_disjoint(spans: List[Tuple[int, int, str]], file_size: int, source: str) -> None:
+    """Keras files carry no checksums; a damaged data address is caught when it makes two tensors share bytes
+    or points past the end of the file (HDF5 itself checks neither before reading)."""
+    spans.sort()
+    for (_, end, name), (offset, _, next_name) in zip(spans, spans[1:]):
+        if offset < end:
+            raise KerasFileError(f'{source}: the values of datasets {name} and {next_name} overlap in the file; '
+                                 'it is corrupt')
+    if spans and spans[-1][1] > file_size:
+        raise KerasFileError(f'{source}: the values of dataset {spans[-1][2]} end at byte {spans[-1][1]}, past the '
+                             f'end of the file ({file_size} bytes); it is truncated or corrupt')
 
 
 # --- legacy HDF5 (Keras 2 layout, also written by Keras 3 for `.h5`) ---
@@ -250,23 +336,43 @@ def _snake_case(name: str) -> str:
 def _read_keras_zip(path: Path, layer_order: Optional[LayerOrder]) -> KerasWeights:
     try:
         with zipfile.ZipFile(path) as archive:
-            members = set(archive.namelist())
+            members = {info.filename: info for info in archive.infolist()}
+            _check_zip_members(path, members.values())
             if 'model.weights.h5' not in members:
                 raise KerasFileError(f'{path} is a zip archive without model.weights.h5 (found {sorted(members)[:5]}); '
                                      'sharded or npz .keras archives are not supported')
             config = json.loads(archive.read('config.json')) if 'config.json' in members else None
             metadata = json.loads(archive.read('metadata.json')) if 'metadata.json' in members else {}
             weights_bytes = archive.read('model.weights.h5')
-    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as e:
-        raise KerasFileError(f'{path} is a damaged .keras archive: {e}') from e
+    except KerasFileError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # JSONDecodeError: ValueError
+        raise KerasFileError(f'{path} is a damaged .keras archive: {type(e).__name__}: {e}') from e
     try:
         with h5py.File(io.BytesIO(weights_bytes), 'r') as h5:
-            weights = _read_h5(h5, str(path), layer_order, config=config)
-    except (OSError, KeyError, RuntimeError) as e:
-        raise KerasFileError(f'{path}: model.weights.h5 in the archive is corrupt: {e}') from e
+            weights = _read_h5(h5, str(path), layer_order, config=config if isinstance(config, dict) else None)
+    except KerasFileError:
+        raise
+    except H5PY_ERRORS as e:
+        raise KerasFileError(f'{path}: model.weights.h5 in the archive is corrupt: {type(e).__name__}: {e}') from e
     weights.source_format = 'keras_zip'
     weights.keras_version = str(metadata.get('keras_version', 'unknown'))
     return weights
+
+
+def _check_zip_members(path: Path, members: Iterable[zipfile.ZipInfo]) -> None:
+    """Refuse path-traversal names (a sign of a hostile archive; we never extract) and zip bombs.
+
+    zipfile stops at a member's declared `file_size`, so capping the declared size caps what is inflated.
+    """
+    for info in members:
+        name = info.filename
+        if name.startswith(('/', '\\')) or '..' in re.split(r'[/\\]', name) or re.match(r'^[A-Za-z]:', name):
+            raise KerasFileError(f'{path}: archive member {name!r} points outside the archive; refusing it')
+        cap = MAX_ZIP_MEMBER_BYTES.get(name)
+        if cap is not None and info.file_size > cap:
+            raise KerasFileError(f'{path}: archive member {name} declares {info.file_size} bytes uncompressed '
+                                 f'({info.compress_size} compressed), over the {cap}-byte limit (zip bomb?)')
 
 
 # --- live model ---

@@ -110,3 +110,32 @@ def _strip_names(h5_bytes: bytes) -> bytes:
         if 'vars' in h5 and 'name' in h5['vars'].attrs:
             del h5['vars'].attrs['name']
     return buffer.getvalue()
+
+
+def write_legacy_h5(state_dict: Dict[str, Any], arch: str, path: Path, dtype: str = 'float32') -> Path:
+    """A Keras 2 layout `.h5` (as `save_weights_to_hdf5_group` writes it) from a timm state dict, without Keras.
+
+    The inverse of the converter's mapping, for tests that need many or damaged files quickly; the files
+    Keras itself writes are covered by `save_keras`.
+    """
+    from resnetv2_zoo.keras_names import iter_tensor_names, keras_layer_names
+    from resnetv2_zoo.resnetv2_keras import KERAS_BLOCK_COUNTS
+
+    include_top = 'head.fc.weight' in state_dict
+    layers = keras_layer_names(KERAS_BLOCK_COUNTS[arch], include_top)
+    with h5py.File(path, 'w') as h5:
+        h5.attrs['layer_names'] = [name.encode() for name in layers]
+        h5.attrs['keras_version'] = b'2.2.4'
+        for layer in layers:
+            group = h5.create_group(layer)
+            weight_names = []
+            for keras_var, key in iter_tensor_names(layer):
+                value = state_dict[key].detach().numpy()
+                if value.ndim == 4:
+                    value = value.transpose(2, 3, 1, 0)
+                elif value.ndim == 2:
+                    value = value.T
+                weight_names.append(f'{layer}/{keras_var}:0')
+                group[weight_names[-1]] = np.ascontiguousarray(value).astype(dtype)
+            group.attrs['weight_names'] = [name.encode() for name in weight_names]
+    return path

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,14 +202,27 @@ def comparable(rows: list) -> list:
     return [{k: float(v) for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tmp_path):
-    data = make_synthetic_dataset(tmp_path / 'data', train_per_class=5, test_per_class=0, size=32, seed=1) / 'train'
-    argv = ['--epochs', '2', '--no-pretrained', '--checkpoint-every', '2', '--seed', '3']  # 16 train: 4 steps/epoch
-    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-    assert main(tiny_argv(data, straight, *argv)) == 0
+RESUME_ARGV = ('--epochs', '2', '--no-pretrained', '--checkpoint-every', '2', '--seed', '3')  # 16 train: 4 steps/epoch
 
-    child = subprocess.Popen([sys.executable, '-m', 'resnetv2_zoo.cli', *tiny_argv(data, killed, *argv)],
+
+@pytest.fixture(scope='module')
+def resume_data(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp('resume'), train_per_class=5, test_per_class=0, size=32,
+                                  seed=1) / 'train'
+
+
+@pytest.fixture(scope='module')
+def straight(resume_data) -> Path:
+    """The uninterrupted run that killed-and-resumed runs must reproduce."""
+    out = resume_data.parent / 'straight'
+    assert main(tiny_argv(resume_data, out, *RESUME_ARGV)) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(resume_data, straight, tmp_path):
+    killed = tmp_path / 'killed'
+    child = subprocess.Popen([sys.executable, '-m', 'resnetv2_zoo.cli', *tiny_argv(resume_data, killed, *RESUME_ARGV)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env=dict(os.environ, PYTHONUNBUFFERED='1'))
     for line in child.stdout:
@@ -218,7 +232,28 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tmp_path):
     child.wait(timeout=600)
     assert child.returncode == -signal.SIGKILL
     assert len(read_metrics(killed)) == 1  # killed inside the second epoch
+    assert_resume_matches(killed, straight)
 
+
+@pytest.mark.slow
+def test_resume_after_sigkill_during_a_checkpoint_write(resume_data, straight, tmp_path):
+    """Killed while the second resume checkpoint is half-written: the first one, intact, is resumed from."""
+    killed = tmp_path / 'killed'
+    child = subprocess.Popen([sys.executable, '-m', 'resnetv2_zoo.cli', *tiny_argv(resume_data, killed, *RESUME_ARGV)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    temporaries = set()
+    while len(temporaries) < 2 and child.poll() is None:
+        names = os.listdir(killed) if killed.is_dir() else []
+        temporaries.update(n for n in names if n.startswith(f'.{RUN_FILES["resume"]}.'))
+        time.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=600)
+    assert child.returncode == -signal.SIGKILL and len(temporaries) == 2
+    assert temporaries & set(os.listdir(killed))  # killed mid-write: the half-written temporary is still there
+    assert_resume_matches(killed, straight)
+
+
+def assert_resume_matches(killed: Path, straight: Path) -> None:
     assert main(['finetune', '--resume', str(killed)]) == 0
     assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))
     assert json.loads((killed / RUN_FILES['summary']).read_text())['weights'] == 'scratch'
