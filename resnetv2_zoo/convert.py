@@ -38,6 +38,11 @@ _BLOCK_LAYER_RE = re.compile(r'^conv(?P<stage>[2-5])_block(?P<block>\d+)_')
 _RESNET_V1_RE = re.compile(r'^(conv1_bn|conv\d_block\d+_(0_bn|3_bn))$')
 
 
+def parity_tolerance(reference: Union[np.ndarray, torch.Tensor]) -> float:
+    """The largest max |reference - ours| that counts as equal: float32 round-off, relative to large outputs."""
+    return TOLERANCE * max(1.0, float(abs(reference).max()))
+
+
 @dataclass
 class ConvertedKeras:
     """A Keras checkpoint as a timm state dict, with what is needed to build and describe the model."""
@@ -323,8 +328,7 @@ def verify_against_keras(source: Union[PathLike, Any], converted: ConvertedKeras
     with torch.no_grad():
         ours = build_model(converted)(images).numpy()
     diff = float(np.abs(keras_out - ours).max()) if keras_out.shape == ours.shape else float('inf')
-    tolerance = TOLERANCE * max(1.0, float(np.abs(keras_out).max()))
-    return Verification(diff, tolerance, 'logits' if converted.num_classes else 'pooled features')
+    return Verification(diff, parity_tolerance(keras_out), 'logits' if converted.num_classes else 'pooled features')
 
 
 def _keras_load_weights(keras_model: Any, path: Path, source_format: str) -> None:

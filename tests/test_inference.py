@@ -4,10 +4,9 @@ import timm
 import torch
 
 from resnetv2_zoo import ResNetV2Keras
+from resnetv2_zoo.convert import parity_tolerance
 from resnetv2_zoo.errors import ResNetV2ZooError
 from resnetv2_zoo.inference import fold_batchnorms, optimize_for_inference
-
-TOLERANCE = 1e-5  # the project's float32 parity bound, relative to max(1, max |reference|)
 
 
 def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -25,8 +24,7 @@ def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape
-    bound = TOLERANCE * max(1.0, expected.abs().max().item())
-    assert (actual - expected).abs().max().item() <= bound
+    assert (actual - expected).abs().max().item() <= parity_tolerance(expected)
 
 
 @pytest.fixture(scope='module')

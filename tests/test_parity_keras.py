@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from keras_helpers import FILE_FORMATS, build_keras_resnetv2, copy_weights_by_name, save_keras
 
-from resnetv2_zoo.convert import TOLERANCE, build_model, convert_keras
+from resnetv2_zoo.convert import build_model, convert_keras, parity_tolerance
 from resnetv2_zoo.keras_runtime import import_keras
 
 pytestmark = pytest.mark.keras
@@ -84,7 +84,7 @@ def keras_cases(tmp_path_factory) -> Callable[[str], KerasCase]:
 def _assert_close(ours: torch.Tensor, keras_out: np.ndarray, what: str) -> float:
     keras_max = float(np.abs(keras_out).max())
     diff = float(np.abs(ours.numpy() - keras_out).max())
-    tolerance = TOLERANCE * max(1.0, keras_max)
+    tolerance = parity_tolerance(keras_out)
     assert ours.shape == keras_out.shape, what
     assert diff <= tolerance, f'{what}: max |keras - ours| = {diff:.3g} > {tolerance:.3g} (max |keras| {keras_max:.3g})'
     assert 1.0 <= keras_max <= 1e3, f'{what}: Keras outputs of size {keras_max:.3g} make the tolerance meaningless'

@@ -26,7 +26,7 @@ from keras_helpers import build_keras_resnetv2, copy_weights_by_name, randomize_
 import resnetv2_zoo  # noqa: F401  (registers the models)
 from resnetv2_zoo import cli, pretrained
 from resnetv2_zoo.checkpoint import save_model_dir
-from resnetv2_zoo.convert import convert_to_dir
+from resnetv2_zoo.convert import convert_to_dir, parity_tolerance
 from resnetv2_zoo.errors import WeightsUnavailableError
 from resnetv2_zoo.keras_runtime import import_keras
 
@@ -140,7 +140,7 @@ def _md5(path: Path) -> str:
 def assert_keras_close(ours, keras: np.ndarray) -> None:
     ours = ours.detach().numpy() if isinstance(ours, torch.Tensor) else ours
     assert ours.shape == keras.shape
-    assert np.abs(ours - keras).max() <= 1e-5 * max(1.0, np.abs(keras).max())
+    assert np.abs(ours - keras).max() <= parity_tolerance(keras)
 
 
 @pytest.fixture(scope='session')
