@@ -218,29 +218,22 @@ def test_group_matcher_covers_every_parameter():
         assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
 
 
-def test_torchscript():
+# TorchScript, FX and dynamo (one graph, no breaks; the eager-backend AOT path keeps this fast, and
+# Inductor is exercised in tests/test_inference.py).
+EXPORTERS = {
+    'torchscript': torch.jit.script,
+    'fx': torch.fx.symbolic_trace,
+    'compile_fullgraph': lambda model: torch.compile(model, backend='aot_eager', fullgraph=True),
+}
+
+
+@pytest.mark.parametrize('exporter', EXPORTERS)
+def test_exported_model_matches_eager(exporter):
     model = timm.create_model('resnet50v2_keras', num_classes=10).eval()
-    scripted = torch.jit.script(model)
+    exported = EXPORTERS[exporter](model)
     x = torch.randn(2, 3, 97, 97)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
-
-
-def test_fx_trace():
-    model = timm.create_model('resnet50v2_keras', num_classes=10).eval()
-    traced = torch.fx.symbolic_trace(model)
-    x = torch.randn(2, 3, 97, 97)
-    with torch.no_grad():
-        torch.testing.assert_close(traced(x), model(x))
-
-
-def test_torch_compile_fullgraph():
-    """One graph, no breaks; the eager-backend AOT path keeps this fast (inductor is covered in benchmarks/)."""
-    model = timm.create_model('resnet50v2_keras', num_classes=10).eval()
-    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
-    x = torch.randn(2, 3, 97, 97)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(exported(x), model(x))
 
 
 def test_channels_last():
