@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from resnetv2_zoo.atomic import atomic_file
+from resnetv2_zoo.weights.atomic import atomic_file
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 Handler = Callable[..., Dict[str, Any]]

@@ -5,7 +5,7 @@ For each architecture Keras writes a file with random weights, then these run in
 each method in its own worker process (Keras's in a TensorFlow one), after one untimed warm-up round:
 
   h5py_read         read every tensor of the file with h5py (the floor any converter stands on)
-  convert_keras     `resnetv2_zoo.convert.convert_keras(path)`: the file as a timm state dict
+  convert_keras     `resnetv2_zoo.weights.convert.convert_keras(path)`: the file as a timm state dict
   convert_to_dir    `convert_to_dir(path, out_dir)`: build, write and load back, as `resnetv2-zoo convert` does
   create_model      `timm.create_model(arch, pretrained=True)` from the package cache (converted once up front)
   keras_load        Keras: build the model and `load_weights(path)`
@@ -28,8 +28,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from bench_utils import RESULTS_DIR, Worker, machine_tag, markdown_table, run_script, serve, write_results
 
-ARCHS = ('resnet50v2_keras', 'resnet101v2_keras', 'resnet152v2_keras')
-KERAS_APPS = dict(zip(ARCHS, ('ResNet50V2', 'ResNet101V2', 'ResNet152V2')))
+from resnetv2_zoo.keras.spec import KERAS_RESNETS
+
+ARCHS = tuple(KERAS_RESNETS)
 FILE_SUFFIXES = {'weights.h5': '.weights.h5', 'h5': '.h5', 'keras': '.keras'}
 TORCH_METHODS = ('h5py_read', 'convert_keras', 'convert_to_dir', 'create_model')
 KERAS_METHODS = ('keras_load',)
@@ -80,7 +81,7 @@ def h5py_read(path: str) -> int:
 def torch_methods(cache: str) -> Dict[str, Callable[[str, str], Any]]:
     import timm
 
-    from resnetv2_zoo.convert import convert_keras, convert_to_dir
+    from resnetv2_zoo.weights.convert import convert_keras, convert_to_dir
 
     def to_dir(arch: str, path: str) -> None:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -96,13 +97,13 @@ def torch_methods(cache: str) -> Dict[str, Callable[[str, str], Any]]:
 
 
 def keras_methods(fmt: str) -> Dict[str, Callable[[str, str], Any]]:
-    from resnetv2_zoo.keras_runtime import import_keras
+    from resnetv2_zoo.keras.runtime import import_keras
 
     keras = import_keras()
 
     def build(arch: str) -> Any:
         keras.backend.clear_session()
-        return getattr(keras.applications, KERAS_APPS[arch])(weights=None)
+        return getattr(keras.applications, KERAS_RESNETS[arch].keras_app)(weights=None)
 
     def make_file(arch: str, path: str) -> None:
         model = build(arch)
@@ -129,8 +130,8 @@ def bench_arch(arch: str, workers: Dict[str, Worker], args: argparse.Namespace, 
     if not Path(path).is_file():
         workers['keras_load'].request('run', method='make_file', arch=arch, path=path)
     # create_model loads from the package cache: convert into it once, as first use of pretrained=True does
-    from resnetv2_zoo.convert import convert_to_dir
-    from resnetv2_zoo.pretrained import PRETRAINED_TAG
+    from resnetv2_zoo.weights.convert import convert_to_dir
+    from resnetv2_zoo.weights.pretrained import PRETRAINED_TAG
 
     cached = work / 'cache' / f'{arch}.{PRETRAINED_TAG}'
     if not cached.is_dir():

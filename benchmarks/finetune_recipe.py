@@ -22,8 +22,8 @@ import timm
 import torch
 from bench_utils import RESULTS_DIR, machine_tag, markdown_table, write_results
 
-from resnetv2_zoo.evaluate import evaluate_folder
-from resnetv2_zoo.finetune import Run, finetune_args, init_distributed, prepare_run_dir, rng_state, set_rng_state
+from resnetv2_zoo.train.evaluate import evaluate_folder
+from resnetv2_zoo.train.finetune import Run, finetune_args, init_distributed, prepare_run_dir, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 WEATHER4 = REPO.parent / 'shared' / 'data' / 'weather4'

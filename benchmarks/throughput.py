@@ -10,7 +10,7 @@ Models are timm names, `torchvision/NAME` or `keras/NAME` (keras.applications), 
 `:OPTIONS`, a `+`-joined subset of
   cl         channels_last weights and input (Keras is always NHWC)
   compile    torch.compile (Keras: XLA `jit_compile`)
-  optimized  `resnetv2_zoo.inference.optimize_for_inference` (BN folded; inference only)
+  optimized  `resnetv2_zoo.models.optimize.optimize_for_inference` (BN folded; inference only)
 
     python benchmarks/throughput.py                      # CPU default, a few minutes
     python benchmarks/throughput.py --gpu-suite          # H200: batch 256, bf16, channels_last, +/- compile
@@ -86,7 +86,7 @@ def build_torch_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     import resnetv2_zoo  # noqa: F401  (registers the *_keras architectures with timm)
-    from resnetv2_zoo.inference import optimize_for_inference
+    from resnetv2_zoo.models.optimize import optimize_for_inference
 
     runtime_mem = peak_rss_mb()
     device = torch.device(spec['device'])
@@ -154,7 +154,7 @@ def build_torch_step(spec: Dict[str, Any]) -> Dict[str, Any]:
 def build_keras_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     import numpy as np
 
-    from resnetv2_zoo.keras_runtime import import_keras
+    from resnetv2_zoo.keras.runtime import import_keras
 
     keras = import_keras()
     runtime_mem = peak_rss_mb()

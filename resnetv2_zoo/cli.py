@@ -8,7 +8,7 @@ from typing import List, Optional
 from .errors import ResNetV2ZooError
 
 # resnetv2_zoo.<module> for each sub-command, in the order `--help` lists them.
-SUBCOMMAND_MODULES = ('demo', 'finetune', 'evaluate', 'predict', 'convert')
+SUBCOMMAND_MODULES = ('train.demo', 'train.finetune', 'train.evaluate', 'train.predict', 'weights.convert')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict
 import h5py
 import numpy as np
 
-from resnetv2_zoo.convert import keras_reference_model
+from resnetv2_zoo.weights.verify import keras_reference_model
 
 RESIDUAL_BRANCH_SCALE = 0.2  # on each block's `3_conv` kernel
 
@@ -118,11 +118,10 @@ def write_legacy_h5(state_dict: Dict[str, Any], arch: str, path: Path, dtype: st
     The inverse of the converter's mapping, for tests that need many or damaged files quickly; the files
     Keras itself writes are covered by `save_keras`.
     """
-    from resnetv2_zoo.keras_names import iter_tensor_names, keras_layer_names
-    from resnetv2_zoo.resnetv2_keras import KERAS_BLOCK_COUNTS
+    from resnetv2_zoo.keras.spec import KERAS_RESNETS, iter_tensor_names, keras_layer_names
 
     include_top = 'head.fc.weight' in state_dict
-    layers = keras_layer_names(KERAS_BLOCK_COUNTS[arch], include_top)
+    layers = keras_layer_names(KERAS_RESNETS[arch].block_counts, include_top)
     with h5py.File(path, 'w') as h5:
         h5.attrs['layer_names'] = [name.encode() for name in layers]
         h5.attrs['keras_version'] = b'2.2.4'

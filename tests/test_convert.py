@@ -23,10 +23,10 @@ from keras_helpers import (
 
 import resnetv2_zoo
 from resnetv2_zoo import cli
-from resnetv2_zoo.checkpoint import load_model
-from resnetv2_zoo.convert import ConvertedKeras, build_model, convert_keras, convert_to_dir, convert_to_file
 from resnetv2_zoo.errors import KerasFileError, ResNetV2ZooError
-from resnetv2_zoo.keras_runtime import import_keras
+from resnetv2_zoo.keras.runtime import import_keras
+from resnetv2_zoo.weights.checkpoint import load_model
+from resnetv2_zoo.weights.convert import ConvertedKeras, build_model, convert_keras, convert_to_dir, convert_to_file
 
 ARCH = 'resnet50v2_keras'
 NUM_CLASSES = 5
@@ -353,7 +353,7 @@ def test_cli_verify_without_tensorflow_is_a_clear_error(keras_files, workdir, ca
     def no_keras():
         raise ImportError('No module named tensorflow')
 
-    monkeypatch.setattr('resnetv2_zoo.keras_runtime.import_keras', no_keras)
+    monkeypatch.setattr('resnetv2_zoo.keras.runtime.import_keras', no_keras)
     assert cli.main(['convert', str(keras_files['weights_h5']), '-o', str(workdir / 'model'), '--verify']) == 2
     assert '--verify needs TensorFlow and Keras: No module named tensorflow' in capsys.readouterr().err
     assert list(workdir.iterdir()) == []
@@ -361,7 +361,7 @@ def test_cli_verify_without_tensorflow_is_a_clear_error(keras_files, workdir, ca
 
 @pytest.mark.keras
 def test_cli_verify_failure_exits_non_zero_and_writes_nothing(keras_files, workdir, capsys, monkeypatch):
-    monkeypatch.setattr('resnetv2_zoo.convert.TOLERANCE', 0.0)  # float32 Keras and PyTorch never agree to 0
+    monkeypatch.setattr('resnetv2_zoo.weights.verify.TOLERANCE', 0.0)  # float32 Keras and PyTorch never agree to 0
     assert cli.main(['convert', str(keras_files['weights_h5']), '-o', str(workdir / 'model'), '--verify']) == 2
     captured = capsys.readouterr()
     assert ': FAIL' in captured.out and 'disagree; nothing written' in captured.err

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
-from resnetv2_zoo.data import build_transforms, load_rgb, load_splits, scan_image_folder, stratified_split, to_rgb
 from resnetv2_zoo.errors import ResNetV2ZooError
+from resnetv2_zoo.train.data import build_transforms, load_rgb, load_splits, scan_image_folder, stratified_split, to_rgb
 
 
 def solid(mode: str, value, size=(20, 12)) -> Image.Image:
@@ -60,7 +60,7 @@ def test_unreadable_files_are_skipped_counted_and_warned(tmp_path, caplog):
     (root / 'Black Skimmer' / 'notes.jpg').write_text('not an image at all')
     (root / 'Black Skimmer' / 'README.txt').write_text('ignored: not an image file name')
     Image.new('RGB', (16, 16)).save(root / 'Cockatoo' / 'really_png.jpg', format='PNG')  # misnamed but fine
-    with caplog.at_level(logging.WARNING, logger='resnetv2_zoo.data'):
+    with caplog.at_level(logging.WARNING, logger='resnetv2_zoo.train.data'):
         scan = scan_image_folder(root)
     assert scan.classes == ['Black Skimmer', 'Cockatoo']
     assert sorted(Path(p).name for p, _ in scan.skipped) == ['notes.jpg', 'truncated.jpg']

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from resnetv2_zoo.cli import main
-from resnetv2_zoo.demo import SYNTHETIC_CLASSES, make_synthetic_dataset
-from resnetv2_zoo.finetune import RUN_FILES
+from resnetv2_zoo.train.demo import SYNTHETIC_CLASSES, make_synthetic_dataset
+from resnetv2_zoo.train.finetune import RUN_FILES
 
 
 def digest(root: Path) -> str:

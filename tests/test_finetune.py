@@ -17,12 +17,12 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 import resnetv2_zoo  # noqa: F401  (registers the models with timm)
-from resnetv2_zoo.checkpoint import load_model, save_weights_file
 from resnetv2_zoo.cli import main
-from resnetv2_zoo.data import build_transforms, load_rgb
-from resnetv2_zoo.demo import SYNTHETIC_CLASSES, make_synthetic_dataset
 from resnetv2_zoo.errors import WeightsUnavailableError
-from resnetv2_zoo.finetune import RUN_FILES, Distributed, create_classifier, finetune_args
+from resnetv2_zoo.train.data import build_transforms, load_rgb
+from resnetv2_zoo.train.demo import SYNTHETIC_CLASSES, make_synthetic_dataset
+from resnetv2_zoo.train.finetune import RUN_FILES, Distributed, create_classifier, finetune_args
+from resnetv2_zoo.weights.checkpoint import load_model, save_weights_file
 
 REPO = Path(__file__).resolve().parents[1]
 WEATHER4 = REPO.parent / 'shared' / 'data' / 'weather4'

@@ -4,9 +4,9 @@ import timm
 import torch
 
 from resnetv2_zoo import ResNetV2Keras
-from resnetv2_zoo.convert import parity_tolerance
 from resnetv2_zoo.errors import ResNetV2ZooError
-from resnetv2_zoo.inference import fold_batchnorms, optimize_for_inference
+from resnetv2_zoo.models.optimize import fold_batchnorms, optimize_for_inference
+from resnetv2_zoo.weights.verify import parity_tolerance
 
 
 def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

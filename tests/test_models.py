@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.models import group_parameters
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
-from resnetv2_zoo.resnetv2_keras import ZeroPadMaxPool2d
+from resnetv2_zoo.models.resnetv2_keras import ZeroPadMaxPool2d
 
 MODELS = ['resnet50v2_keras', 'resnet101v2_keras', 'resnet152v2_keras']
 

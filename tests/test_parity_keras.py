@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 from keras_helpers import FILE_FORMATS, build_keras_resnetv2, copy_weights_by_name, save_keras
 
-from resnetv2_zoo.convert import build_model, convert_keras, parity_tolerance
-from resnetv2_zoo.keras_runtime import import_keras
+from resnetv2_zoo.keras.runtime import import_keras
+from resnetv2_zoo.weights.convert import build_model, convert_keras
+from resnetv2_zoo.weights.verify import parity_tolerance
 
 pytestmark = pytest.mark.keras
 

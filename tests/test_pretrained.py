@@ -5,6 +5,7 @@ patched in); Keras's own outputs on a seeded batch are the reference. Nothing to
 the download URL points at a closed local port unless a test starts its server.
 """
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -24,11 +25,14 @@ import torch
 from keras_helpers import build_keras_resnetv2, copy_weights_by_name, randomize_weights, save_keras
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
-from resnetv2_zoo import cli, pretrained
-from resnetv2_zoo.checkpoint import save_model_dir
-from resnetv2_zoo.convert import convert_to_dir, parity_tolerance
+from resnetv2_zoo import cli
 from resnetv2_zoo.errors import WeightsUnavailableError
-from resnetv2_zoo.keras_runtime import import_keras
+from resnetv2_zoo.keras.runtime import import_keras
+from resnetv2_zoo.keras.spec import KERAS_RESNETS
+from resnetv2_zoo.weights import pretrained
+from resnetv2_zoo.weights.checkpoint import save_model_dir
+from resnetv2_zoo.weights.convert import convert_to_dir
+from resnetv2_zoo.weights.verify import parity_tolerance
 
 ARCH = 'resnet50v2_keras'
 TOP_FILE = 'resnet50v2_weights_tf_dim_ordering_tf_kernels.h5'
@@ -86,10 +90,13 @@ import numpy as np
 import timm
 import torch
 
-from resnetv2_zoo import pretrained
+from resnetv2_zoo.weights import pretrained
 
 md5s, x_path, out, go = sys.argv[1:]
-pretrained.KERAS_WEIGHTS_MD5['resnet50v2_keras'] = tuple(json.loads(md5s))
+import dataclasses
+from resnetv2_zoo.keras.spec import KERAS_RESNETS
+spec = KERAS_RESNETS['resnet50v2_keras']
+KERAS_RESNETS[spec.arch] = dataclasses.replace(spec, weights_md5=tuple(json.loads(md5s)))
 x = torch.from_numpy(np.load(x_path))
 print('ready', flush=True)
 while not Path(go).exists():
@@ -109,10 +116,13 @@ import numpy as np
 import timm
 import torch
 
-from resnetv2_zoo import pretrained
+from resnetv2_zoo.weights import pretrained
 
 md5s, x_path, out = sys.argv[1:]
-pretrained.KERAS_WEIGHTS_MD5['resnet50v2_keras'] = tuple(json.loads(md5s))
+import dataclasses
+from resnetv2_zoo.keras.spec import KERAS_RESNETS
+spec = KERAS_RESNETS['resnet50v2_keras']
+KERAS_RESNETS[spec.arch] = dataclasses.replace(spec, weights_md5=tuple(json.loads(md5s)))
 x = torch.from_numpy(np.load(x_path))
 logits = {}
 with torch.no_grad():
@@ -127,7 +137,7 @@ check_no_tensorflow()
 
 class KerasFiles(NamedTuple):
     dir: Path
-    md5s: Tuple[str, str]  # (with top, without top), as in pretrained.KERAS_WEIGHTS_MD5
+    md5s: Tuple[str, str]  # (with top, without top), as in KerasResNet.weights_md5
     x: torch.Tensor
     logits: np.ndarray
     features: np.ndarray  # no top, pooling='avg'
@@ -172,7 +182,7 @@ def caches(tmp_path, monkeypatch, keras_files) -> Path:
     monkeypatch.setenv('no_proxy', '127.0.0.1')
     monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
     monkeypatch.delenv('RESNETV2_ZOO_OFFLINE', raising=False)
-    monkeypatch.setitem(pretrained.KERAS_WEIGHTS_MD5, ARCH, keras_files.md5s)
+    set_official_md5s(monkeypatch, keras_files.md5s)
     (tmp_path / 'keras' / 'models').mkdir(parents=True)
     return cache
 
@@ -245,7 +255,7 @@ def test_second_call_uses_cache_with_server_stopped(caches, keras_files, monkeyp
 
 
 def test_wrong_md5_is_rejected_and_nothing_cached(caches, server, keras_files, monkeypatch):
-    monkeypatch.setitem(pretrained.KERAS_WEIGHTS_MD5, ARCH, ('0' * 32, '0' * 32))
+    set_official_md5s(monkeypatch, ('0' * 32, '0' * 32))
     with pytest.raises(WeightsUnavailableError, match=f'MD5 {keras_files.md5s[0]}, expected 0{{32}}'):
         timm.create_model(ARCH, pretrained=True)
     assert server == [f'/{TOP_FILE}']
@@ -278,7 +288,7 @@ def test_keras_cache_notop_file_serves_headless_models_only(caches, keras_files,
 
 def test_keras_cache_file_with_wrong_md5_is_ignored(caches, keras_files, monkeypatch):
     bad = _put_in_keras_cache(keras_files, TOP_FILE)
-    monkeypatch.setitem(pretrained.KERAS_WEIGHTS_MD5, ARCH, ('f' * 32, keras_files.md5s[1]))
+    set_official_md5s(monkeypatch, ('f' * 32, keras_files.md5s[1]))
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(WeightsUnavailableError, match=f'{bad} has MD5 {keras_files.md5s[0]}, expected f{{32}}'):
         timm.create_model(ARCH, pretrained=True)
@@ -408,3 +418,8 @@ def test_headless_file_in_place_of_the_full_one_is_refused(caches, keras_files):
     convert_to_dir(keras_files.dir / NOTOP_FILE, caches / CONVERTED)  # a hand conversion of the wrong file
     with pytest.raises(WeightsUnavailableError, match=f'{caches / CONVERTED}.* 0 classes, expected 1000'):
         timm.create_model(ARCH, pretrained=True)
+
+
+def set_official_md5s(monkeypatch, md5s) -> None:
+    """Make `md5s` (with top, without top) the published MD5s of ARCH's official Keras files for this test."""
+    monkeypatch.setitem(KERAS_RESNETS, ARCH, dataclasses.replace(KERAS_RESNETS[ARCH], weights_md5=tuple(md5s)))

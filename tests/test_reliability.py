@@ -6,6 +6,7 @@ tests run without TensorFlow and can make many damaged copies quickly; test_conv
 Keras itself writes.
 """
 import ctypes
+import dataclasses
 import io
 import os
 import pickle
@@ -31,16 +32,17 @@ from keras_helpers import write_legacy_h5
 from PIL import Image
 
 import resnetv2_zoo  # noqa: F401  (registers the models with timm)
-from resnetv2_zoo import pretrained
-from resnetv2_zoo.checkpoint import load_model, save_model_dir, save_weights_file
 from resnetv2_zoo.cli import main
-from resnetv2_zoo.convert import convert_keras, convert_to_dir, convert_to_file
-from resnetv2_zoo.data import build_transforms, image_files_under, load_rgb, scan_image_folder
 from resnetv2_zoo.errors import ResNetV2ZooError
-from resnetv2_zoo.evaluate import evaluate_folder
-from resnetv2_zoo.finetune import Distributed, create_classifier, finetune_args
-from resnetv2_zoo.keras_files import MAX_ZIP_MEMBER_BYTES
-from resnetv2_zoo.predict import predict_files
+from resnetv2_zoo.keras.files import MAX_ZIP_MEMBER_BYTES
+from resnetv2_zoo.keras.spec import KERAS_RESNETS
+from resnetv2_zoo.train.data import build_transforms, image_files_under, load_rgb, scan_image_folder
+from resnetv2_zoo.train.evaluate import evaluate_folder
+from resnetv2_zoo.train.finetune import Distributed, create_classifier, finetune_args
+from resnetv2_zoo.train.predict import predict_files
+from resnetv2_zoo.weights import pretrained
+from resnetv2_zoo.weights.checkpoint import load_model, save_model_dir, save_weights_file
+from resnetv2_zoo.weights.convert import convert_keras, convert_to_dir, convert_to_file
 
 ARCH = 'resnet50v2_keras'
 REPO = Path(__file__).resolve().parents[1]
@@ -403,8 +405,11 @@ def test_kill_during_conversion_leaves_no_partial_output(keras_h5, expected, tmp
 
 _CACHE_CHILD = """
 import sys, timm
-from resnetv2_zoo import pretrained
-pretrained.KERAS_WEIGHTS_MD5['resnet50v2_keras'] = (sys.argv[1], sys.argv[1])
+from resnetv2_zoo.weights import pretrained
+import dataclasses
+from resnetv2_zoo.keras.spec import KERAS_RESNETS
+spec = KERAS_RESNETS['resnet50v2_keras']
+KERAS_RESNETS[spec.arch] = dataclasses.replace(spec, weights_md5=(sys.argv[1], sys.argv[1]))
 timm.create_model('resnet50v2_keras', pretrained=True)
 """
 
@@ -441,7 +446,7 @@ def test_kill_during_the_pretrained_cache_fill(keras_cache, tmp_path, monkeypatc
     assert kills >= 2
     monkeypatch.setenv('KERAS_HOME', str(keras_cache))
     monkeypatch.setenv('RESNETV2_ZOO_OFFLINE', '1')
-    monkeypatch.setitem(pretrained.KERAS_WEIGHTS_MD5, ARCH, (md5, md5))
+    set_official_md5s(monkeypatch, (md5, md5))
     model = timm.create_model(ARCH, pretrained=True)
     reference = convert_keras(h5).state_dict
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
@@ -456,11 +461,11 @@ if sys.argv[2] == 'convert':
     sys.exit(main(sys.argv[2:]))
 import timm
 import resnetv2_zoo
-from resnetv2_zoo.checkpoint import save_weights_file
-from resnetv2_zoo.data import build_transforms, image_files_under, load_rgb, scan_image_folder
+from resnetv2_zoo.weights.checkpoint import save_weights_file
+from resnetv2_zoo.train.data import build_transforms, image_files_under, load_rgb, scan_image_folder
 from resnetv2_zoo.errors import ResNetV2ZooError
-from resnetv2_zoo.evaluate import evaluate_folder
-from resnetv2_zoo.finetune import Distributed, create_classifier, finetune_args
+from resnetv2_zoo.train.evaluate import evaluate_folder
+from resnetv2_zoo.train.finetune import Distributed, create_classifier, finetune_args
 try:
     save_weights_file(timm.create_model('resnet50v2_keras', num_classes=3), sys.argv[3])
 except ResNetV2ZooError as e:
@@ -578,3 +583,8 @@ def test_checkpoint_for_other_classes(classifier, tmp_path, capsys):
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith('head.'))
     assert after['head.fc.weight'].shape == (3, 2048)
+
+
+def set_official_md5s(monkeypatch, md5s) -> None:
+    """Make `md5s` (with top, without top) the published MD5s of ARCH's official Keras files for this test."""
+    monkeypatch.setitem(KERAS_RESNETS, ARCH, dataclasses.replace(KERAS_RESNETS[ARCH], weights_md5=tuple(md5s)))

@@ -13,10 +13,10 @@ import timm
 import torch
 
 import resnetv2_zoo  # noqa: F401  (registers the models with timm)
-from resnetv2_zoo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, save_model_dir
 from resnetv2_zoo.cli import main
 from resnetv2_zoo.errors import ResNetV2ZooError
-from resnetv2_zoo.finetune import RUN_FILES
+from resnetv2_zoo.train.finetune import RUN_FILES
+from resnetv2_zoo.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ('resnetv2_zoo', 'converters')

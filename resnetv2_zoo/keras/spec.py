@@ -1,14 +1,51 @@
-"""The one table between Keras ResNetV2 layer names and `ResNetV2Keras` parameter names.
+"""Everything this package knows about Keras's ResNets, in one place: the architectures and the layer names.
 
-Weights are matched by layer name, never by order or shape: in `conv2_block1`, `0_conv` (the
-projection shortcut) and `3_conv` have the same shape, so any positional or shape-based matching
-can silently swap them (tensorflow/tensorflow#33459).
+`KERAS_RESNETS` holds, per timm architecture, what Keras's `applications/resnet.py` and
+`resnet_v2.py` hold: the application, the block counts per stage, the weight files and their MD5s
+(`WEIGHTS_HASHES`) and the published top-1. The model entry points, the converter, `pretrained=True`
+and `--verify` all read it, so a fact about an architecture is written once.
+
+The rest is the one table between Keras layer names and our parameter names. Weights are matched by
+layer name, never by order or shape: in `conv2_block1`, `0_conv` (the projection shortcut) and
+`3_conv` have the same shape, so any positional or shape-based matching can silently swap them
+(tensorflow/tensorflow#33459).
 """
 import re
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
+
+KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/resnet/'
+
+
+@dataclass(frozen=True)
+class KerasResNet:
+    """One Keras ResNet application and its official ImageNet weights."""
+
+    arch: str  # timm model name
+    keras_app: str  # attribute of `keras.applications`
+    block_counts: Tuple[int, int, int, int]  # residual blocks per stage, conv2..conv5
+    weights_md5: Tuple[str, str]  # MD5 of the official weights (with top, without top), Keras's WEIGHTS_HASHES
+    top1_299: float  # Keras's published ImageNet top-1 (%), at 299 px
+
+    def weights_file_name(self, include_top: bool = True) -> str:
+        """File name Keras gives the official weights, e.g. `resnet50v2_weights_tf_dim_ordering_tf_kernels.h5`."""
+        return f'{self.keras_app.lower()}_weights_tf_dim_ordering_tf_kernels{"" if include_top else "_notop"}.h5'
+
+    def expected_md5(self, include_top: bool = True) -> str:
+        return self.weights_md5[0 if include_top else 1]
+
+
+KERAS_RESNETS: Dict[str, KerasResNet] = {spec.arch: spec for spec in (
+    KerasResNet('resnet50v2_keras', 'ResNet50V2', (3, 4, 6, 3),
+                ('3ef43a0b657b3be2300d5770ece849e0', 'fac2f116257151a9d068a22e544a4917'), 76.0),
+    KerasResNet('resnet101v2_keras', 'ResNet101V2', (3, 4, 23, 3),
+                ('6343647c601c52e1368623803854d971', 'c0ed64b8031c3730f411d2eb4eea35b5'), 77.2),
+    KerasResNet('resnet152v2_keras', 'ResNet152V2', (3, 8, 36, 3),
+                ('a49b44d1979771252814e80f8ec446f9', 'ed17cf2e0169df9d443503ef94b23b33'), 78.0),
+)}
 
 # Keras layer name -> module name, for the layers outside the residual blocks.
 TOP_LEVEL_LAYERS: Dict[str, str] = {

@@ -15,7 +15,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from .errors import ResNetV2ZooError
+from ..errors import ResNetV2ZooError
 
 __all__ = [
     'DataSplits', 'ImageSamples', 'load_rgb', 'to_rgb', 'scan_image_folder', 'stratified_split', 'load_splits',

@@ -10,7 +10,6 @@ import functools
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -20,16 +19,14 @@ import timm
 import torch
 from timm.models import adapt_input_conv
 
-from . import __version__
+from .. import __version__
+from ..errors import KerasFileError, ResNetV2ZooError
+from ..keras.files import KerasWeights, file_hexdigest, read_keras_weights
+from ..keras.spec import KERAS_RESNETS, iter_tensor_names, keras_class, keras_layer_names, layer_vars, to_torch_layout
 from .checkpoint import check_writable_parent, load_model, save_model_dir, save_weights_file
-from .errors import KerasFileError, ResNetV2ZooError
-from .keras_files import KerasWeights, file_hexdigest, read_keras_weights
-from .keras_names import iter_tensor_names, keras_class, keras_layer_names, layer_vars, to_torch_layout
-from .resnetv2_keras import KERAS_BLOCK_COUNTS
 
 PathLike = Union[str, os.PathLike]
-ARCHS = tuple(KERAS_BLOCK_COUNTS)
-TOLERANCE = 1e-5  # max |keras - ours| <= TOLERANCE * max(1, max |keras|), float32
+ARCHS = tuple(KERAS_RESNETS)
 MAX_LISTED = 12  # problems listed per kind in an error message
 NONFINITE = 'non-finite values (pass --allow-nonfinite / allow_nonfinite=True to accept them)'
 
@@ -37,10 +34,6 @@ _BLOCK_LAYER_RE = re.compile(r'^conv(?P<stage>[2-5])_block(?P<block>\d+)_')
 # Layers that exist in Keras's ResNet (v1) but not in ResNetV2.
 _RESNET_V1_RE = re.compile(r'^(conv1_bn|conv\d_block\d+_(0_bn|3_bn))$')
 
-
-def parity_tolerance(reference: Union[np.ndarray, torch.Tensor]) -> float:
-    """The largest max |reference - ours| that counts as equal: float32 round-off, relative to large outputs."""
-    return TOLERANCE * max(1.0, float(abs(reference).max()))
 
 
 @dataclass
@@ -117,6 +110,8 @@ def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label
     converted = convert_keras(source, arch, allow_nonfinite)
     _check_labels(label_names, converted.num_classes)
     if verify:
+        from .verify import verify_against_keras  # imports TensorFlow
+
         verification = verify_against_keras(source, converted)
         print(verification.summary())
         if not verification.passed:
@@ -175,16 +170,16 @@ def _detect_arch(weights: KerasWeights, requested: str) -> str:
         raise KerasFileError(
             f'{weights.source} is not a Keras ResNetV2 checkpoint: expected layers such as conv1_conv, '
             f'conv2_block1_preact_bn and post_bn, found {_listing(names)}')
-    detected = [a for a, counts in KERAS_BLOCK_COUNTS.items() if counts == block_counts]
+    detected = [a for a, spec in KERAS_RESNETS.items() if spec.block_counts == block_counts]
     if requested != 'auto':
         if detected and detected[0] != requested:
             raise KerasFileError(f'{weights.source} holds a {detected[0]} (blocks per stage {block_counts}), '
-                                 f'not the requested {requested} {KERAS_BLOCK_COUNTS[requested]}')
+                                 f'not the requested {requested} {KERAS_RESNETS[requested].block_counts}')
         return requested
     if detected:
         return detected[0]
     # Damaged or partial: validate against the nearest architecture, which names what is missing or extra.
-    return min(ARCHS, key=lambda a: sum(abs(x - y) for x, y in zip(KERAS_BLOCK_COUNTS[a], block_counts)))
+    return min(ARCHS, key=lambda a: sum(abs(x - y) for x, y in zip(KERAS_RESNETS[a].block_counts, block_counts)))
 
 
 def _block_counts(names: Sequence[str]) -> Tuple[int, ...]:
@@ -209,7 +204,7 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int,
     # BatchNorm's step counters have no Keras counterpart; a converted model has taken no training steps.
     counters = {k.replace('running_var', 'num_batches_tracked'): torch.tensor(0)
                 for k in model_shapes if k.endswith('running_var')}
-    expected_layers = keras_layer_names(KERAS_BLOCK_COUNTS[arch], include_top=num_classes > 0)
+    expected_layers = keras_layer_names(KERAS_RESNETS[arch].block_counts, include_top=num_classes > 0)
     problems: Dict[str, List[str]] = {
         'missing layers': [n for n in expected_layers if n not in weights.layers],
         'unexpected layers': sorted(set(weights.layers) - set(expected_layers)),
@@ -272,7 +267,7 @@ def _listing(items: Sequence[str]) -> str:
 
 def _weights_h5_layer_order(class_counts: Dict[str, int]) -> Optional[Dict[str, List[str]]]:
     """Layer names per Keras class for a `.weights.h5` without names: the ResNetV2 whose counts match."""
-    for block_counts in KERAS_BLOCK_COUNTS.values():
+    for block_counts in (spec.block_counts for spec in KERAS_RESNETS.values()):
         for include_top in (True, False):
             by_class: Dict[str, List[str]] = {}
             for name in keras_layer_names(block_counts, include_top):
@@ -280,64 +275,6 @@ def _weights_h5_layer_order(class_counts: Dict[str, int]) -> Optional[Dict[str, 
             if {cls: len(layers) for cls, layers in by_class.items()} == class_counts:
                 return by_class
     return None
-
-
-# --- verification against Keras (needs TensorFlow) ---
-
-@dataclass
-class Verification:
-    max_abs_diff: float
-    tolerance: float
-    output: str  # 'logits' or 'pooled features'
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
-    def summary(self) -> str:
-        verdict = 'PASS' if self.passed else 'FAIL'
-        return (f'verify: max |keras - timm| over the {self.output} = {self.max_abs_diff:.3g} '
-                f'(tolerance {self.tolerance:.3g}): {verdict}')
-
-
-def keras_reference_model(arch: str, num_classes: int) -> Any:
-    """The Keras model a checkpoint of `arch` loads into: logits with a top, average-pooled features without."""
-    from .keras_runtime import import_keras
-
-    applications = import_keras().applications
-    app = {'resnet50v2_keras': applications.ResNet50V2, 'resnet101v2_keras': applications.ResNet101V2,
-           'resnet152v2_keras': applications.ResNet152V2}[arch]
-    if num_classes:
-        return app(weights=None, include_top=True, classes=num_classes, classifier_activation=None)
-    return app(weights=None, include_top=False, pooling='avg', input_shape=(None, None, 3))
-
-
-def verify_against_keras(source: Union[PathLike, Any], converted: ConvertedKeras, image_size: int = 224,
-                         batch_size: int = 2, seed: int = 0) -> Verification:
-    """Run Keras (loading `source` its own way) and the converted model on one seeded batch."""
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            keras_model = keras_reference_model(converted.arch, converted.num_classes)
-            _keras_load_weights(keras_model, Path(source), converted.metadata['source_format'])
-        else:
-            keras_model = source
-    except ImportError as e:
-        raise ResNetV2ZooError(f'--verify needs TensorFlow and Keras: {e}') from e
-    images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    keras_out = np.asarray(keras_model(images.permute(0, 2, 3, 1).numpy(), training=False))
-    with torch.no_grad():
-        ours = build_model(converted)(images).numpy()
-    diff = float(np.abs(keras_out - ours).max()) if keras_out.shape == ours.shape else float('inf')
-    return Verification(diff, parity_tolerance(keras_out), 'logits' if converted.num_classes else 'pooled features')
-
-
-def _keras_load_weights(keras_model: Any, path: Path, source_format: str) -> None:
-    """Keras picks the reader by file suffix; link the file under the suffix of the format it really is."""
-    suffix = {'weights_h5': '.weights.h5', 'keras_zip': '.keras'}.get(source_format, '.h5')
-    with tempfile.TemporaryDirectory() as tmp:
-        link = Path(tmp) / f'model{suffix}'
-        link.symlink_to(path.resolve())
-        keras_model.load_weights(str(link))
 
 
 # --- command line ---

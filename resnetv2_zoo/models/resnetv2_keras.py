@@ -15,7 +15,7 @@ Module names follow timm's resnetv2 so timm tooling (`group_matcher`, `first_con
 works unchanged; `keras_names.py` maps each to its Keras layer name.
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,8 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, ImageNetI
 from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+
+from ..keras.spec import KERAS_RESNETS
 
 __all__ = ['ResNetV2Keras', 'GLOBAL_POOL_TYPES']
 
@@ -323,22 +325,24 @@ def _check_args(num_classes: int = 0, in_chans: int = 1, global_pool: Optional[s
         raise ValueError(f'global_pool must be one of {GLOBAL_POOL_TYPES}, got {global_pool!r}.')
 
 
-# Block counts per stage, as in keras/src/applications/resnet_v2.py.
-KERAS_BLOCK_COUNTS = {
-    'resnet50v2_keras': (3, 4, 6, 3),
-    'resnet101v2_keras': (3, 4, 23, 3),
-    'resnet152v2_keras': (3, 8, 36, 3),
-}
+# `pretrained=True` hook: `resnetv2_zoo/__init__.py` sets it to `weights.pretrained.pretrained_kwargs`, which
+# finds, fetches and converts the Keras weights on first use. Set from outside so that this file never
+# imports the converter, which itself depends on the model: no import cycle, not even a lazy one.
+_pretrained_kwargs: Optional[Callable[[str, Dict[str, Any]], Dict[str, Any]]] = None
+
+
+def set_pretrained_hook(hook: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> None:
+    """Install the function that points a `pretrained=True` request at converted Keras weights."""
+    global _pretrained_kwargs
+    _pretrained_kwargs = hook
 
 
 def _create_resnetv2_keras(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
-    if pretrained:
-        from .pretrained import pretrained_kwargs  # finds, fetches and converts the Keras weights on first use
-
-        kwargs = pretrained_kwargs(variant, kwargs)
+    if pretrained and _pretrained_kwargs is not None:
+        kwargs = _pretrained_kwargs(variant, kwargs)
     return build_model_with_cfg(
         ResNetV2Keras, variant, pretrained,
-        layers=KERAS_BLOCK_COUNTS[variant],
+        layers=KERAS_RESNETS[variant].block_counts,
         feature_cfg=dict(feature_cls='getter'),
         **kwargs,
     )
@@ -347,7 +351,7 @@ def _create_resnetv2_keras(variant: str, pretrained: bool = False, **kwargs: Any
 _IMAGENET_LABEL_NAMES = tuple(ImageNetInfo().label_names())  # WordNet ids, as Keras `decode_predictions` names classes
 
 
-def _cfg(top1_299: float, **kwargs: Any) -> Dict[str, Any]:
+def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
     return {
         'url': '',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
@@ -361,16 +365,16 @@ def _cfg(top1_299: float, **kwargs: Any) -> Dict[str, Any]:
         'paper_ids': 'arXiv:1603.05027',
         'paper_name': 'Identity Mappings in Deep Residual Networks',
         'origin_url': 'https://keras.io/api/applications/resnet/',
-        'notes': (f'Keras ImageNet weights; Keras reports {top1_299}% top-1 at 299x299.',),
+        'notes': (f'Keras ImageNet weights; Keras reports {KERAS_RESNETS[variant].top1_299}% top-1 at 299x299.',),
         'label_names': _IMAGENET_LABEL_NAMES,
         **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs({
-    'resnet50v2_keras.tf_in1k': _cfg(76.0),
-    'resnet101v2_keras.tf_in1k': _cfg(77.2),
-    'resnet152v2_keras.tf_in1k': _cfg(78.0),
+    'resnet50v2_keras.tf_in1k': _cfg('resnet50v2_keras'),
+    'resnet101v2_keras.tf_in1k': _cfg('resnet101v2_keras'),
+    'resnet152v2_keras.tf_in1k': _cfg('resnet152v2_keras'),
 })
 
 

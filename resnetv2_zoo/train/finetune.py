@@ -29,12 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .atomic import atomic_file
-from .checkpoint import load_model, save_model_dir
-from .classify import BEST_DIR, amp_dtype, autocast, pick_device, predict_loader, prepare_for_device, to_device
+from ..errors import ResNetV2ZooError, WeightsUnavailableError
+from ..weights.atomic import atomic_file
+from ..weights.checkpoint import load_model, save_model_dir
 from .data import DataSplits, ImageSamples, build_transforms, load_splits
-from .errors import ResNetV2ZooError, WeightsUnavailableError
 from .evaluate import classification_report, format_report
+from .runtime import BEST_DIR, amp_dtype, autocast, pick_device, predict_loader, prepare_for_device, to_device
 
 __all__ = ['RECIPES', 'RUN_FILES', 'run_finetune', 'add_finetune_arguments', 'register']
 
@@ -153,8 +153,6 @@ def notice(message: str, dist: Distributed) -> None:
 def create_classifier(args: argparse.Namespace, num_classes: int, dist: Distributed,
                       resuming: bool) -> Tuple[torch.nn.Module, str]:
     """(model with a `num_classes` head, where its weights came from)."""
-    from . import resnetv2_keras  # noqa: F401  (registers the architectures with timm)
-
     if resuming:
         return timm.create_model(args.model, num_classes=num_classes), 'resume checkpoint'  # weights: loaded next
     if args.init:

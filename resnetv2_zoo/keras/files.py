@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import h5py
 import numpy as np
 
-from .errors import KerasFileError
+from ..errors import KerasFileError
 
 PathLike = Union[str, os.PathLike]
 LayerWeights = Dict[str, Dict[str, np.ndarray]]
@@ -380,7 +380,7 @@ def _check_zip_members(path: Path, members: Iterable[zipfile.ZipInfo]) -> None:
 def _read_live_model(model: Any) -> KerasWeights:
     if not hasattr(model, 'layers') or not hasattr(model, 'get_weights'):
         raise KerasFileError(f'expected a path or a keras.Model, got {type(model).__name__}')
-    from .keras_runtime import import_keras
+    from .runtime import import_keras
 
     keras = import_keras()  # already imported by whoever built `model`
 

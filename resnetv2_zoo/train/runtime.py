@@ -11,8 +11,8 @@ import timm
 import torch
 from timm.data import ImageNetInfo
 
-from .checkpoint import CONFIG_NAME, load_model
-from .errors import ResNetV2ZooError
+from ..errors import ResNetV2ZooError
+from ..weights.checkpoint import CONFIG_NAME, load_model
 
 __all__ = ['BEST_DIR', 'pick_device', 'autocast', 'load_classifier', 'label_names_of', 'predict_loader']
 
@@ -55,8 +55,6 @@ def load_classifier(spec: PathLike) -> torch.nn.Module:
         path = path / BEST_DIR
     if path.exists():
         return load_model(path)
-    from . import resnetv2_keras  # noqa: F401  (registers the architectures with timm)
-
     if timm.is_model(str(spec)):
         return timm.create_model(str(spec), pretrained=True)
     raise ResNetV2ZooError(f'{spec} is neither a checkpoint (run directory, model directory, .safetensors file) '

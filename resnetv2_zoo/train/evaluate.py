@@ -6,9 +6,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .classify import label_names_of, load_classifier, pick_device, predict_loader, prepare_for_device
+from ..errors import ResNetV2ZooError
 from .data import ImageSamples, build_transforms, scan_image_folder
-from .errors import ResNetV2ZooError
+from .runtime import label_names_of, load_classifier, pick_device, predict_loader, prepare_for_device
 
 __all__ = ['ClassReport', 'Report', 'classification_report', 'format_report', 'evaluate_folder']
 

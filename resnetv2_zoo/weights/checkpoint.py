@@ -17,8 +17,8 @@ import timm
 import torch
 from timm.models._hub import save_config_for_hf
 
+from ..errors import ResNetV2ZooError
 from .atomic import atomic_dir, atomic_file
-from .errors import ResNetV2ZooError
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -88,8 +88,6 @@ def load_model(path: PathLike, **kwargs: Any) -> torch.nn.Module:
     `kwargs` go to `timm.create_model` (for example `num_classes` to re-head, `features_only`).
     Only safetensors is read, so a checkpoint cannot run code; a pickle under any name is refused.
     """
-    from . import resnetv2_keras  # noqa: F401  (registers the architectures with timm)
-
     path = Path(path)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():

@@ -29,24 +29,18 @@ from filelock import FileLock
 from timm.data import ImageNetInfo
 from timm.models import resolve_pretrained_cfg
 
+from ..errors import WeightsUnavailableError
+from ..keras.files import file_hexdigest
+from ..keras.spec import KERAS_RESNETS, KERAS_WEIGHTS_URL
 from .checkpoint import WEIGHTS_NAME, read_weights_metadata
-from .errors import WeightsUnavailableError
-from .keras_files import file_hexdigest
 
 __all__ = [
-    'KERAS_WEIGHTS_URL', 'KERAS_WEIGHTS_MD5', 'PRETRAINED_TAG', 'cache_dir', 'keras_cache_dir', 'downloads_disabled',
+    'PRETRAINED_TAG', 'cache_dir', 'keras_cache_dir', 'downloads_disabled',
     'keras_weights_file_name', 'cached_keras_weights', 'pretrained_kwargs', 'decode_predictions',
 ]
 
 _logger = logging.getLogger(__name__)
 
-KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/resnet/'
-# keras/src/applications/resnet.py WEIGHTS_HASHES: (with top, without top)
-KERAS_WEIGHTS_MD5: Dict[str, Tuple[str, str]] = {
-    'resnet50v2_keras': ('3ef43a0b657b3be2300d5770ece849e0', 'fac2f116257151a9d068a22e544a4917'),
-    'resnet101v2_keras': ('6343647c601c52e1368623803854d971', 'c0ed64b8031c3730f411d2eb4eea35b5'),
-    'resnet152v2_keras': ('a49b44d1979771252814e80f8ec446f9', 'ed17cf2e0169df9d443503ef94b23b33'),
-}
 PRETRAINED_TAG = 'tf_in1k'  # the pretrained tag that stands for the official Keras ImageNet weights
 _TRUE_VALUES = ('1', 'ON', 'YES', 'TRUE')  # as huggingface_hub parses HF_HUB_OFFLINE
 
@@ -71,8 +65,7 @@ def downloads_disabled() -> bool:
 
 def keras_weights_file_name(arch: str, include_top: bool = True) -> str:
     """File name Keras gives the official weights of `arch`, e.g. `resnet50v2_weights_tf_dim_ordering_tf_kernels.h5`."""
-    keras_name = arch.removesuffix('_keras')
-    return f'{keras_name}_weights_tf_dim_ordering_tf_kernels{"" if include_top else "_notop"}.h5'
+    return KERAS_RESNETS[arch].weights_file_name(include_top)
 
 
 def _keras_weights_url(arch: str, include_top: bool) -> str:
@@ -81,8 +74,7 @@ def _keras_weights_url(arch: str, include_top: bool) -> str:
 
 
 def _expected_md5(arch: str, include_top: bool) -> str:
-    with_top, without_top = KERAS_WEIGHTS_MD5[arch]
-    return with_top if include_top else without_top
+    return KERAS_RESNETS[arch].expected_md5(include_top)
 
 
 def _converted_dir(arch: str, include_top: bool) -> Path:
@@ -137,8 +129,8 @@ def cached_keras_weights(arch: str, include_top: bool = True) -> Path:
     With `include_top=False` a converted file with the top serves too (timm drops the head), and the
     smaller `_notop` Keras file is accepted, as a `include_top=False` Keras user has only that one.
     """
-    if arch not in KERAS_WEIGHTS_MD5:
-        raise WeightsUnavailableError(f'no official Keras weights for {arch!r}; known: {sorted(KERAS_WEIGHTS_MD5)}')
+    if arch not in KERAS_RESNETS:
+        raise WeightsUnavailableError(f'no official Keras weights for {arch!r}; known: {sorted(KERAS_RESNETS)}')
     variants = (True,) if include_top else (True, False)
     weights = _find_converted(arch, variants)
     if weights is not None:

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .atomic import atomic_file  # noqa: E402
+from ..weights.atomic import atomic_file  # noqa: E402
 from .data import load_rgb  # noqa: E402
 
 __all__ = ['save_samples_grid', 'save_curves', 'save_confusion', 'save_predictions_grid']

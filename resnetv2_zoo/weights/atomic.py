@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-from .errors import ResNetV2ZooError
+from ..errors import ResNetV2ZooError
 
 PathLike = Union[str, os.PathLike]
 

@@ -7,9 +7,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .classify import label_names_of, load_classifier, pick_device, predict_loader, prepare_for_device
+from ..errors import ResNetV2ZooError
 from .data import ImageSamples, build_transforms, image_files_under, load_rgb
-from .errors import ResNetV2ZooError
+from .runtime import label_names_of, load_classifier, pick_device, predict_loader, prepare_for_device
 
 __all__ = ['Prediction', 'predict_files', 'top_k']
 

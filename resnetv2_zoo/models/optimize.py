@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .errors import ResNetV2ZooError
+from ..errors import ResNetV2ZooError
 from .resnetv2_keras import PreActBottleneckKeras, ResNetV2Keras
 
 __all__ = ['FrozenCompiled', 'fold_batchnorms', 'optimize_for_inference']
