@@ -3,21 +3,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -e '.[keras,train,dev]'
+	$(PY) -m pip install -e '.[keras,train,export,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/resnetv2-zoo demo
 
+# the whole suite, parity against real Keras included (README's command; CI runs it)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# the edit loop: no Keras (TensorFlow), nothing slow
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not keras and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

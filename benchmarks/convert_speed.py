@@ -2,7 +2,7 @@
 """Time and peak memory of converting Keras ResNet*V2 files, next to just reading them and to Keras itself.
 
 For each architecture Keras writes a file with random weights, then these run in interleaved rounds,
-each method in its own worker process (Keras's in a TensorFlow one), after one untimed warm-up round:
+each method in its own worker process (Keras's in a TensorFlow one), after an untimed warm-up round:
 
   h5py_read         read every tensor of the file with h5py (the floor any converter stands on)
   convert_keras     `resnetv2_zoo.weights.convert.convert_keras(path)`: the file as a timm state dict
@@ -16,6 +16,7 @@ as float32. `h5py_read` holds one tensor at a time, so its peak is the largest t
 
     python benchmarks/convert_speed.py                       # all three depths, 3 rounds
     python benchmarks/convert_speed.py --archs resnet50v2_keras --rounds 1
+    python benchmarks/convert_speed.py --archs resnet50v2_keras --rounds 1 --warmup-rounds 0 --share-worker  # smoke
 """
 import argparse
 import os
@@ -139,14 +140,14 @@ def bench_arch(arch: str, workers: Dict[str, Worker], args: argparse.Namespace, 
 
     samples: Dict[str, List[Dict[str, float]]] = {method: [] for method in workers}
     peaks: Dict[str, List[float]] = {method: [] for method in workers}
-    for round_idx in range(args.rounds + 1):  # round 0 warms up
+    for round_idx in range(-args.warmup_rounds, args.rounds):  # negative rounds warm up
         for method, worker in workers.items():
             result = worker.request('run', method=method, arch=arch, path=path)
             # the first call's peak counts too: allocators that keep freed memory (TensorFlow's) rise only once
             peaks[method].append(result['peak_mb'])
-            if round_idx:
+            if round_idx >= 0:
                 samples[method].append(result)
-        print(f'{arch} round {round_idx}/{args.rounds}: ' + ', '.join(
+        print(f'{arch} round {round_idx + 1}/{args.rounds}: ' + ', '.join(
             f'{m} {s[-1]["seconds"]:.2f}s' for m, s in samples.items() if s), file=sys.stderr)
 
     row: Dict[str, Any] = dict(arch=arch, format=args.format,
@@ -169,12 +170,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--format', choices=tuple(FILE_SUFFIXES), default='weights.h5',
                         help='Keras file format to write and convert')
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--warmup-rounds', type=int, default=1, help='untimed rounds first')
+    parser.add_argument('--share-worker', action='store_true',
+                        help='run the torch methods in one worker process: starts faster (the smoke test), but '
+                             'memory one method freed can lower the peak rise of the next')
     parser.add_argument('--work-dir', type=Path, help='keep (and reuse) the Keras files here; default: a temp dir')
     parser.add_argument('--out-dir', type=Path, default=RESULTS_DIR)
     parser.add_argument('--name', default='', help='suffix for the results files')
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error('--rounds must be >= 1')
+    if args.rounds < 1 or args.warmup_rounds < 0:
+        parser.error('--rounds must be >= 1, --warmup-rounds >= 0')
     return args
 
 
@@ -184,12 +189,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         work = args.work_dir or Path(tmp)
         (work / 'cache').mkdir(parents=True, exist_ok=True)
         spec = dict(format=args.format, cache=str(work / 'cache'))
-        workers = {m: Worker(__file__, dict(spec, kind='torch')) for m in TORCH_METHODS}
+        shared = Worker(__file__, dict(spec, kind='torch')) if args.share_worker else None
+        workers = {m: shared or Worker(__file__, dict(spec, kind='torch')) for m in TORCH_METHODS}
         workers.update({m: Worker(__file__, dict(spec, kind='keras')) for m in KERAS_METHODS})
         try:
             rows = [bench_arch(arch, workers, args, work) for arch in args.archs]
         finally:
-            for worker in workers.values():
+            for worker in {id(w): w for w in workers.values()}.values():
                 worker.close()
 
     meta = dict(date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), machine=machine_tag('cpu'), cpu_count=os.cpu_count(),

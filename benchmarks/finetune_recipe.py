@@ -23,7 +23,8 @@ import torch
 from bench_utils import RESULTS_DIR, machine_tag, markdown_table, write_results
 
 from resnetv2_zoo.train.evaluate import evaluate_folder
-from resnetv2_zoo.train.finetune import Run, finetune_args, init_distributed, prepare_run_dir, rng_state, set_rng_state
+from resnetv2_zoo.train.finetune import finetune_args, init_distributed, run_epoch, setup_run, write_report
+from resnetv2_zoo.train.resume import rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 WEATHER4 = REPO.parent / 'shared' / 'data' / 'weather4'
@@ -40,9 +41,9 @@ def start_runs(args: argparse.Namespace, work: Path) -> tuple:
         argv += ['--data', str(data / 'train'), '--val-data', str(data / 'val')] if (data / 'val').is_dir() \
             else ['--data', str(data)]
         run_args = finetune_args(argv)
-        prepare_run_dir(run_args)
+        Path(run_args.out).mkdir()
         dist, device = init_distributed(args.device)
-        runs[recipe] = Run(run_args, dist, device)
+        runs[recipe] = setup_run(run_args, dist, device, Path(run_args.out))
         rng[recipe] = rng_state()
     return runs, rng
 
@@ -55,14 +56,13 @@ def compare(args: argparse.Namespace) -> List[Dict[str, Any]]:
             for recipe, run in runs.items():
                 set_rng_state(rng[recipe])
                 start = time.perf_counter()
-                run.train_epoch()
-                run.finish_epoch()
+                run_epoch(run)
                 seconds[recipe] += time.perf_counter() - start
                 rng[recipe] = rng_state()
         test = Path(args.data) / 'test'
         results = []
         for recipe, run in runs.items():
-            run.write_report(seconds[recipe])
+            write_report(run, seconds[recipe])
             test_acc = evaluate_folder(str(run.run_dir), str(test)).accuracy if test.is_dir() else None
             history = run.progress.history
             results.append(dict(

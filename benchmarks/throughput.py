@@ -6,11 +6,14 @@ process with torch). After a warm-up, the parent runs the workers' timed rounds 
 ..., so that load on a shared machine hits all of them alike; each model is reported as the median and
 min/max over rounds, and as the median ratio to a named peer measured in the same rounds.
 
-Models are timm names, `torchvision/NAME` or `keras/NAME` (keras.applications), each optionally with
-`:OPTIONS`, a `+`-joined subset of
+Models are timm names, `torchvision/NAME`, `keras/NAME` (keras.applications) or `ort/NAME` (the timm model
+exported to ONNX by `resnetv2_zoo.weights.export` and run by onnxruntime on the CPU with all its graph
+optimizations; inference only), each optionally with `:OPTIONS`, a `+`-joined subset of
   cl         channels_last weights and input (Keras is always NHWC)
   compile    torch.compile (Keras: XLA `jit_compile`)
   optimized  `resnetv2_zoo.models.optimize.optimize_for_inference` (BN folded; inference only)
+  infer      inference only: left out of train mode (the smoke test's Keras peer, whose first training
+             step alone traces for seconds)
 
     python benchmarks/throughput.py                      # CPU default, a few minutes
     python benchmarks/throughput.py --gpu-suite          # H200: batch 256, bf16, channels_last, +/- compile
@@ -48,13 +51,13 @@ from bench_utils import (
     write_results,
 )
 
-MODEL_OPTIONS = ('cl', 'compile', 'optimized')
+MODEL_OPTIONS = ('cl', 'compile', 'optimized', 'infer')
 PRECISIONS = {'fp32': None, 'bf16': 'bfloat16', 'fp16': 'float16'}
 KERAS_POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16', 'fp16': 'mixed_float16'}
 
 CPU_MODELS = [
     'resnet50v2_keras', 'resnet50v2_keras:cl', 'resnet50v2_keras:optimized+cl+compile',
-    'resnetv2_50', 'resnetv2_50:cl', 'resnet50', 'torchvision/resnet50', 'keras/ResNet50V2',
+    'resnetv2_50', 'resnetv2_50:cl', 'resnet50', 'torchvision/resnet50', 'keras/ResNet50V2', 'ort/resnet50v2_keras',
 ]
 GPU_MODELS = [
     f'{name}:{opts}'
@@ -180,8 +183,45 @@ def build_keras_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     return dict(run=run, memory=peak_rss_mb, param_count=param_count, runtime_mem=runtime_mem)
 
 
+def build_ort_step(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """onnxruntime on the CPU: the timm model exported (and checked against eager) with the package's exporter."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+    import timm
+    import torch
+
+    import resnetv2_zoo  # noqa: F401  (registers the *_keras architectures with timm)
+    from resnetv2_zoo.weights.export import export_model
+
+    runtime_mem = peak_rss_mb()
+    if spec['mode'] != 'infer' or spec['device'] != 'cpu' or spec['precision'] != 'fp32':
+        raise ValueError('the onnxruntime peer runs fp32 inference on the CPU only')
+    size, batch_size = spec['img_size'], spec['batch_size']
+    model = timm.create_model(spec['name'].split('/', 1)[1]).eval()
+    param_count = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'model.onnx'
+        export_model(model, path, input_size=(3, size, size), check_batch=batch_size)
+        del model
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()  # the thread count torch runs with here
+        session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            session.run(None, {name: x})
+
+    return dict(run=run, memory=peak_rss_mb, param_count=param_count, runtime_mem=runtime_mem)
+
+
 def worker_main(spec: Dict[str, Any]) -> None:
-    build = build_keras_step if spec['name'].startswith('keras/') else build_torch_step
+    build = (build_keras_step if spec['name'].startswith('keras/') else
+             build_ort_step if spec['name'].startswith('ort/') else build_torch_step)
     state: Dict[str, Any] = {}
 
     def start() -> Dict[str, Any]:
@@ -341,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     meta = environment(args)
     rows = []
     for mode, precision, batch_size in itertools.product(args.modes, args.precisions, args.batch_sizes):
-        models = [m for m in args.models if mode == 'infer' or not m['optimized']]
+        models = [m for m in args.models
+                  if mode == 'infer' or not (m['optimized'] or m['infer'] or m['name'].startswith('ort/'))]
         if args.peer not in {m['label'] for m in models}:
             raise SystemExit(f'the peer {args.peer} cannot run in mode {mode}')
         rows += bench_group(models, args.peer, dict(mode=mode, precision=precision, batch_size=batch_size), args)

@@ -2,13 +2,16 @@
 `register(subparsers)` adding a parser whose `func(args)` does the job."""
 import argparse
 import importlib
+import logging
+import os
 import sys
 from typing import List, Optional
 
 from .errors import ResNetV2ZooError
 
 # resnetv2_zoo.<module> for each sub-command, in the order `--help` lists them.
-SUBCOMMAND_MODULES = ('train.demo', 'train.finetune', 'train.evaluate', 'train.predict', 'weights.convert')
+SUBCOMMAND_MODULES = ('train.demo', 'train.finetune', 'train.evaluate', 'train.predict', 'weights.convert',
+                      'train.export', 'timm_scripts')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,13 +22,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (tests and notebooks swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging() -> None:
+    """The package's log lines (notices, progress) as plain messages on stderr; once per process.
+
+    INFO on rank 0 (or without a launcher), errors only on the other ranks of a distributed launch.
+    """
+    logger = logging.getLogger(__package__)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    rank = next((int(os.environ[v]) for v in ('RANK', 'PMI_RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK')
+                 if os.environ.get(v, '').isdigit()), 0)
+    logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ResNetV2ZooError as e:
         print(f'resnetv2-zoo {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C: outputs are written by temp + rename, so nothing half-written is left. A command may say how
+        # to go on by raising KeyboardInterrupt('interrupted; resume with: ...'); 130 is the shell's code for it.
+        print(f'resnetv2-zoo {args.command}: {str(e) or "interrupted"}', file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,11 +7,12 @@ affine parameters drawn near identity, with positive variances.
 import io
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import h5py
 import numpy as np
 
+from resnetv2_zoo.keras.runtime import import_keras
 from resnetv2_zoo.weights.verify import keras_reference_model
 
 RESIDUAL_BRANCH_SCALE = 0.2  # on each block's `3_conv` kernel
@@ -52,6 +53,53 @@ def copy_weights_by_name(source: Any, target: Any) -> None:
     for layer in target.layers:
         if layer.weights:
             layer.set_weights(source.get_layer(layer.name).get_weights())
+
+
+class KerasResNet:
+    """One Keras ResNetV2 with seeded random weights, with and without the top, its files and its outputs.
+
+    Built once and shared (conftest's session fixture for ResNet50V2): tests read it and never change it;
+    a test that trains or edits a Keras model builds its own with `build_keras_resnetv2`. Files are
+    written on first request, read-only too: copy one before damaging it.
+    """
+
+    def __init__(self, arch: str, directory: Path, seed: int = 1):
+        keras = import_keras()
+        self.arch = arch
+        self.top = build_keras_resnetv2(arch, include_top=True, seed=seed)
+        self.notop = keras_reference_model(arch, 0)  # any input size, average-pooled
+        copy_weights_by_name(self.top, self.notop)
+        # one Keras forward for all three outputs: the top's classifier on the no-top model's average pool
+        # (so logits at any size), and a global max pool of post_relu
+        logits = self.top.get_layer('predictions')(self.notop.output)
+        max_pooled = keras.layers.GlobalMaxPooling2D()(self.notop.get_layer('post_relu').output)
+        self._outputs = keras.Model(self.notop.input, [logits, self.notop.output, max_pooled])
+        self.directory = Path(directory)
+        self._files: Dict[Tuple[bool, str], Path] = {}
+
+    def model(self, include_top: bool) -> Any:
+        return self.top if include_top else self.notop
+
+    def outputs(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """Keras's 'logits', 'avg' and 'max' (pooled features) on an NCHW float32 batch of any size."""
+        outputs = self._outputs(images.transpose(0, 2, 3, 1), training=False)
+        return {name: np.asarray(out) for name, out in zip(('logits', 'avg', 'max'), outputs)}
+
+    def file(self, include_top: bool, file_format: str) -> Path:
+        """The model saved by Keras in `file_format` (FILE_FORMATS, or 'weights_h5_unnamed' /
+        'keras_zip_unnamed': as Keras < 3.6 wrote them), under `directory`/top or /notop."""
+        key = (include_top, file_format)
+        if key not in self._files:
+            out = self.directory / ('top' if include_top else 'notop')
+            out.mkdir(parents=True, exist_ok=True)
+            if file_format == 'weights_h5_unnamed':
+                path = strip_weights_h5_names(self.file(include_top, 'weights_h5'), out / 'unnamed.weights.h5')
+            elif file_format == 'keras_zip_unnamed':
+                path = strip_keras_zip_names(self.file(include_top, 'keras_zip'), out / 'unnamed.keras')
+            else:
+                path = save_keras(self.model(include_top), out, file_format)
+            self._files[key] = path
+        return self._files[key]
 
 
 def _save_legacy_weights(model: Any, path: Path) -> None:

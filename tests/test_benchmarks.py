@@ -1,4 +1,9 @@
-"""Smoke tests: each benchmark runs one tiny iteration end to end and writes well-formed results."""
+"""Smoke tests: each benchmark runs one tiny iteration end to end and writes well-formed results.
+
+Sized to take seconds: every worker process imports torch or TensorFlow, so the smoke runs start as few as
+cover each code path (the Keras peer in inference only: its first training step alone traces for seconds;
+convert_speed's torch methods in one shared worker, with no warm-up round).
+"""
 import csv
 import json
 import subprocess
@@ -39,12 +44,13 @@ def read_results(out_dir: Path, prefix: str):
 @pytest.mark.slow
 @pytest.mark.keras
 def test_throughput_smoke(tmp_path):
-    run_script('throughput.py', '--models', 'resnet50v2_keras:optimized', 'keras/ResNet50V2',
-               '--peer', 'resnet50v2_keras:cl', '--img-size', '32', '--batch-sizes', '2',
+    run_script('throughput.py', '--models', 'resnet50v2_keras:optimized', 'keras/ResNet50V2:infer',
+               'ort/resnet50v2_keras', '--peer', 'resnet50v2_keras:cl', '--img-size', '32', '--batch-sizes', '2',
                '--rounds', '1', '--steps', '1', '--warmup', '0', '--out-dir', str(tmp_path))
     csv_rows, payload, table = read_results(tmp_path, 'throughput')
     rows = {row['model']: row for row in payload['results']}
-    assert list(rows) == ['resnet50v2_keras:cl', 'resnet50v2_keras:optimized', 'keras/ResNet50V2']
+    assert list(rows) == ['resnet50v2_keras:cl', 'resnet50v2_keras:optimized', 'keras/ResNet50V2:infer',
+                          'ort/resnet50v2_keras']
     for name, row in rows.items():
         assert all(key in row for key in TIMM_INFER + ('param_count',)), name
         assert row['infer_samples_per_sec'] > 0 and row['infer_batch_size'] == 2 and row['infer_img_size'] == 32
@@ -54,12 +60,14 @@ def test_throughput_smoke(tmp_path):
         assert row['infer_peer'] == 'resnet50v2_keras:cl'
         assert row['infer_rounds_samples_per_sec'] == [row['infer_samples_per_sec']]
     assert rows['resnet50v2_keras:cl']['infer_ratio_to_peer'] == 1.0
-    # the optimized mode is inference-only; the others were trained one step too
-    assert not any(key.startswith('train_') for key in rows['resnet50v2_keras:optimized'])
-    for name in ('resnet50v2_keras:cl', 'keras/ResNet50V2'):
-        assert all(key in rows[name] for key in TIMM_TRAIN) and rows[name]['train_samples_per_sec'] > 0
+    # the optimized, `infer` and onnxruntime entries are inference-only; the peer was trained one step too
+    for name in ('resnet50v2_keras:optimized', 'keras/ResNet50V2:infer', 'ort/resnet50v2_keras'):
+        assert not any(key.startswith('train_') for key in rows[name]), name
+    assert all(key in rows['resnet50v2_keras:cl'] for key in TIMM_TRAIN)
+    assert rows['resnet50v2_keras:cl']['train_samples_per_sec'] > 0
     # ResNet50V2 has 25.57 M trainable parameters in Keras and here alike
-    assert rows['resnet50v2_keras:cl']['param_count'] == rows['keras/ResNet50V2']['param_count'] == 25.57
+    assert rows['resnet50v2_keras:cl']['param_count'] == rows['keras/ResNet50V2:infer']['param_count'] == 25.57
+    assert rows['ort/resnet50v2_keras']['param_count'] == 25.57
     assert rows['resnet50v2_keras:cl']['channels_last'] and rows['resnet50v2_keras:optimized']['optimized']
     assert set(csv_rows[0]) == set().union(*payload['results'])
     assert table.startswith('| model | precision |') and table.count('\n') == 2 + len(rows)
@@ -69,8 +77,8 @@ def test_throughput_smoke(tmp_path):
 @pytest.mark.slow
 @pytest.mark.keras
 def test_convert_speed_smoke(tmp_path):
-    run_script('convert_speed.py', '--archs', 'resnet50v2_keras', '--rounds', '1', '--out-dir', str(tmp_path / 'out'),
-               '--work-dir', str(tmp_path / 'work'))
+    run_script('convert_speed.py', '--archs', 'resnet50v2_keras', '--rounds', '1', '--warmup-rounds', '0',
+               '--share-worker', '--out-dir', str(tmp_path / 'out'), '--work-dir', str(tmp_path / 'work'))
     _, payload, table = read_results(tmp_path / 'out', 'convert_speed')
     (row,) = payload['results']
     model = timm.create_model('resnet50v2_keras')
@@ -84,20 +92,3 @@ def test_convert_speed_smoke(tmp_path):
     assert row['convert_keras_mem_x_weights'] == pytest.approx(
         row['convert_keras_peak_mb'] / row['weights_mb'], rel=1e-2)
     assert table.startswith('| arch | weights MiB |') and '| resnet50v2_keras |' in table
-
-
-def test_timm_benchmark_wrapper_registers_our_models(tmp_path):
-    """The wrapper runs the given script as __main__, with its own arguments and our models registered."""
-    script = tmp_path / 'benchmark.py'
-    script.write_text(
-        'import sys, json, timm\n'
-        "if __name__ == '__main__':\n"
-        "    print(json.dumps([sys.argv, timm.is_model('resnet152v2_keras')]))\n")
-    proc = run_script('timm_benchmark.py', str(script), '--model', 'resnet50v2_keras', '-b', '2', cwd=tmp_path)
-    assert json.loads(proc.stdout.splitlines()[-1]) == [[str(script), '--model', 'resnet50v2_keras', '-b', '2'], True]
-
-
-def test_timm_benchmark_wrapper_needs_the_script_path():
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / 'timm_benchmark.py'), '--model', 'x'],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "timm's own `benchmark.py`" in proc.stderr

@@ -21,11 +21,9 @@ from resnetv2_zoo.cli import main
 from resnetv2_zoo.errors import WeightsUnavailableError
 from resnetv2_zoo.train.data import build_transforms, load_rgb
 from resnetv2_zoo.train.demo import SYNTHETIC_CLASSES, make_synthetic_dataset
-from resnetv2_zoo.train.finetune import RUN_FILES, Distributed, create_classifier, finetune_args
+from resnetv2_zoo.train.finetune import RUN_FILES, create_classifier, finetune_args
 from resnetv2_zoo.weights.checkpoint import load_model, save_weights_file
 
-REPO = Path(__file__).resolve().parents[1]
-WEATHER4 = REPO.parent / 'shared' / 'data' / 'weather4'
 CLASSES = sorted(SYNTHETIC_CLASSES)
 TIMING_COLUMNS = ('seconds', 'images_per_s')
 
@@ -75,7 +73,8 @@ def synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='module')
 def finished_run(synthetic, tmp_path_factory):
-    """One short run through the CLI with the default (try pretrained) path, offline."""
+    """One short run through the CLI with the default (try pretrained) path, offline (seconds: tests using it
+    are marked slow)."""
     run_dir = tmp_path_factory.mktemp('run') / 'run'
     with pytest.MonkeyPatch.context() as mp:
         make_offline(mp)
@@ -88,6 +87,7 @@ def read_metrics(run_dir: Path) -> list:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(finished_run):
     for name in ('samples', 'curves', 'confusion', 'predictions'):
         with Image.open(finished_run / RUN_FILES[name]) as img:
@@ -106,6 +106,7 @@ def test_run_writes_every_output(finished_run):
     assert not list(finished_run.glob('.*'))  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_best_checkpoint_loads_with_plain_timm(finished_run):
     best = finished_run / RUN_FILES['best']
     model = timm.create_model(f'local-dir:{best}', pretrained=True).eval()
@@ -119,6 +120,7 @@ def test_best_checkpoint_loads_with_plain_timm(finished_run):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_agree(finished_run, synthetic, tmp_path, capsys):
     plot = tmp_path / 'confusion.png'
     assert main(['evaluate', str(finished_run), '--data', str(synthetic / 'test'), '--json', '--plot', str(plot)]) == 0
@@ -143,6 +145,7 @@ def test_evaluate_and_predict_agree(finished_run, synthetic, tmp_path, capsys):
     assert predictions[0]['top'][0][0] in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_init_frozen_backbone_and_ema(finished_run, synthetic, tmp_path):
     """--init starts from a checkpoint; --freeze-epochs trains only the head; --ema-decay saves the average."""
     init = finished_run / RUN_FILES['best']
@@ -181,13 +184,14 @@ def test_explicit_pretrained_offline_is_an_error(synthetic, tmp_path, offline_pr
     assert not (out / RUN_FILES['resume']).exists()
 
 
-def test_default_path_notices_and_trains_from_scratch(synthetic, tmp_path, offline_pretrained, capsys):
+def test_default_path_notices_and_trains_from_scratch(synthetic, tmp_path, offline_pretrained, caplog):
     args = finetune_args(['--data', str(synthetic / 'train'), '--out', str(tmp_path)])
-    model, source = create_classifier(args, 4, Distributed(), resuming=False)
+    model, source = create_classifier(args, 4, resuming=False)
     assert source == 'scratch' and model.num_classes == 4
-    assert 'training resnet50v2_keras from scratch' in capsys.readouterr().err
+    assert 'training resnet50v2_keras from scratch' in caplog.text
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_and_bad_resume(finished_run, synthetic, tmp_path, capsys):
     assert main(tiny_argv(synthetic / 'train', finished_run, '--no-pretrained')) == 2
     assert 'already holds a run' in capsys.readouterr().err
@@ -223,9 +227,9 @@ def straight(resume_data) -> Path:
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(resume_data, straight, tmp_path):
     killed = tmp_path / 'killed'
     child = subprocess.Popen([sys.executable, '-m', 'resnetv2_zoo.cli', *tiny_argv(resume_data, killed, *RESUME_ARGV)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    for line in child.stdout:
+    for line in child.stderr:
         if 'saved resume checkpoint at epoch 2, step 2/4' in line:
             child.send_signal(signal.SIGKILL)
             break
@@ -281,10 +285,10 @@ def test_ddp_two_cpu_processes_through_torchrun(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not WEATHER4.is_dir(), reason=f'real photos not present at {WEATHER4}')
-def test_real_photos_beat_chance(tmp_path):
+@pytest.mark.shared_data
+def test_real_photos_beat_chance(weather4, tmp_path):
     out = tmp_path / 'run'
-    assert main(['finetune', '--data', str(WEATHER4 / 'train'), '--val-data', str(WEATHER4 / 'val'), '--out',
+    assert main(['finetune', '--data', str(weather4 / 'train'), '--val-data', str(weather4 / 'val'), '--out',
                  str(out), '--img-size', '32', '--epochs', '3', '--no-pretrained', '--workers', '0']) == 0
     summary = json.loads((out / RUN_FILES['summary']).read_text())
     assert summary['val_images'] == 223 and summary['skipped_images'] == 0

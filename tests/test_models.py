@@ -11,6 +11,8 @@ import resnetv2_zoo  # noqa: F401  (registers the models)
 from resnetv2_zoo.models.resnetv2_keras import ZeroPadMaxPool2d
 
 MODELS = ['resnet50v2_keras', 'resnet101v2_keras', 'resnet152v2_keras']
+# The depths differ only in block counts: `make test-fast` checks the API on 50V2, `make test` on all three.
+MODEL_PARAMS = [pytest.param(name, marks=() if name == MODELS[0] else pytest.mark.slow) for name in MODELS]
 
 # keras.applications.ResNet*V2(...).count_params(), which counts BN moving mean and variance too.
 KERAS_PARAM_COUNTS = {
@@ -35,7 +37,7 @@ def _keras_param_count(model: nn.Module) -> int:
 
 
 def test_registered_with_timm():
-    assert sorted(timm.list_models('*_keras')) == sorted(MODELS)
+    assert sorted(timm.list_models('*v2_keras')) == sorted(MODELS)  # the v1 models: tests/test_resnet_v1.py
 
 
 @pytest.mark.parametrize('name, top', KERAS_PARAM_COUNTS.keys())
@@ -71,7 +73,7 @@ def test_stage_shapes_at_224():
         (64, 112, 112), (64, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7), (2048, 7, 7)]
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODEL_PARAMS)
 @pytest.mark.parametrize('size', [32, 97, 160])
 def test_forward_sizes(name, size):
     model = timm.create_model(name).eval()
@@ -81,7 +83,7 @@ def test_forward_sizes(name, size):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODEL_PARAMS)
 def test_backward_reaches_every_parameter(name):
     model = timm.create_model(name, num_classes=42).train()
     out = model(torch.randn(2, 3, 64, 64))
@@ -92,7 +94,7 @@ def test_backward_reaches_every_parameter(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODEL_PARAMS)
 def test_default_cfg_consistency(name):
     model = timm.create_model(name).eval()
     cfg = model.pretrained_cfg
@@ -130,7 +132,7 @@ def test_global_pool_like_keras_pooling():
         torch.testing.assert_close(avg(x), fmap.mean((2, 3)))
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODEL_PARAMS)
 def test_features_only(name):
     model = timm.create_model(name, features_only=True).eval()
     assert model.feature_info.channels() == FEATURE_CHANNELS
@@ -161,7 +163,7 @@ def test_features_only_out_indices_and_fx():
     assert (a[-1] >= 0).all()
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODEL_PARAMS)
 def test_forward_intermediates(name):
     model = timm.create_model(name).eval()
     x = torch.randn(1, 3, 97, 97)
@@ -227,7 +229,8 @@ EXPORTERS = {
 }
 
 
-@pytest.mark.parametrize('exporter', EXPORTERS)
+@pytest.mark.parametrize('exporter', [pytest.param(name, marks=pytest.mark.slow if name == 'compile_fullgraph' else ())
+                                      for name in EXPORTERS])
 def test_exported_model_matches_eager(exporter):
     model = timm.create_model('resnet50v2_keras', num_classes=10).eval()
     exported = EXPORTERS[exporter](model)

@@ -1,8 +1,9 @@
 """`pretrained=True`: package cache, Keras cache, download (from a local server), offline, concurrency, no TensorFlow.
 
-A Keras-written ResNet50V2 with seeded random weights stands in for the official files (their MD5s
-patched in); Keras's own outputs on a seeded batch are the reference. Nothing touches the internet:
-the download URL points at a closed local port unless a test starts its server.
+A Keras-written ResNet50V2 with seeded random weights (conftest's session model) stands in for the official
+files (their MD5s patched in); Keras's own outputs on a seeded batch are the reference, so every test here
+is marked `keras`. Nothing touches the internet: the download URL points at a closed local port unless a
+test starts its server.
 """
 import contextlib
 import dataclasses
@@ -12,6 +13,7 @@ import http.server
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,12 +24,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from keras_helpers import build_keras_resnetv2, copy_weights_by_name, randomize_weights, save_keras
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
 from resnetv2_zoo import cli
 from resnetv2_zoo.errors import WeightsUnavailableError
-from resnetv2_zoo.keras.runtime import import_keras
 from resnetv2_zoo.keras.spec import KERAS_RESNETS
 from resnetv2_zoo.weights import pretrained
 from resnetv2_zoo.weights.checkpoint import save_model_dir
@@ -39,6 +39,8 @@ TOP_FILE = 'resnet50v2_weights_tf_dim_ordering_tf_kernels.h5'
 NOTOP_FILE = 'resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5'
 CONVERTED = f'{ARCH}.tf_in1k'
 NUM_PROCESSES = 8
+
+pytestmark = pytest.mark.keras
 
 # Child preamble: every import of TensorFlow or Keras fails, and is recorded. Probes that only look for
 # them (torch._dynamo calls importlib.util.find_spec on import) are answered without an origin, as for
@@ -154,21 +156,17 @@ def assert_keras_close(ours, keras: np.ndarray) -> None:
 
 
 @pytest.fixture(scope='session')
-def keras_files(tmp_path_factory) -> KerasFiles:
-    """The official files' stand-ins (legacy h5, written by Keras) and Keras's outputs on a seeded batch."""
-    keras = import_keras()
+def keras_files(keras_resnet50v2, tmp_path_factory) -> KerasFiles:
+    """The official files' stand-ins (the session's ResNet50V2 as Keras 2 `.h5` weights, written by Keras,
+    with and without the top) and Keras's outputs on a seeded 64 px batch."""
     out = tmp_path_factory.mktemp('keras_files')
-    full = keras.applications.ResNet50V2(weights=None, input_shape=(64, 64, 3), classifier_activation=None)
-    randomize_weights(full, seed=0)
-    notop = build_keras_resnetv2(ARCH, include_top=False)
-    copy_weights_by_name(full, notop)
-    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
-    logits, features = (np.asarray(model(x, training=False)) for model in (full, notop))
-    for model, file_name in ((full, TOP_FILE), (notop, NOTOP_FILE)):
-        save_keras(model, out, 'legacy_h5_weights').rename(out / file_name)
-    x = x.transpose(0, 3, 1, 2)
+    for include_top, file_name in ((True, TOP_FILE), (False, NOTOP_FILE)):
+        shutil.copyfile(keras_resnet50v2.file(include_top, 'legacy_h5_weights'), out / file_name)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    outputs = keras_resnet50v2.outputs(x)
     np.save(out / 'x.npy', x)
-    return KerasFiles(out, (_md5(out / TOP_FILE), _md5(out / NOTOP_FILE)), torch.from_numpy(x), logits, features)
+    return KerasFiles(out, (_md5(out / TOP_FILE), _md5(out / NOTOP_FILE)), torch.from_numpy(x), outputs['logits'],
+                      outputs['avg'])
 
 
 @pytest.fixture
@@ -188,11 +186,12 @@ def caches(tmp_path, monkeypatch, keras_files) -> Path:
 
 
 @contextlib.contextmanager
-def _serve(directory: Path) -> Iterator[Tuple[str, List[str]]]:
-    """An HTTP server on 127.0.0.1 (random port) serving `directory`; yields its URL and the paths requested."""
+def _serve(directory: Path, handler: type = http.server.SimpleHTTPRequestHandler) -> Iterator[Tuple[str, List[str]]]:
+    """An HTTP server on 127.0.0.1 (random port) serving `directory` with `handler`; yields its URL and the paths
+    requested (a `handler` that stalls or cuts the connection short makes the faults of test_safety_pretrained.py)."""
     requests: List[str] = []
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
+    class Handler(handler):
         def log_message(self, *args):
             requests.append(self.path)
 
@@ -227,7 +226,7 @@ def _cache_entries(cache: Path) -> List[str]:
 
 
 def _converted_files(name: str = CONVERTED) -> List[str]:
-    return [name, f'{name}/config.json', f'{name}/model.safetensors']
+    return [name, f'{name}/README.md', f'{name}/config.json', f'{name}/model.safetensors']  # README.md: its model card
 
 
 def _forward(x: torch.Tensor, **kwargs):
@@ -347,6 +346,7 @@ def test_timm_adaptations_of_pretrained_weights(caches, keras_files):
     assert all(torch.equal(a, b) for a, b in zip(maps, reference))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_convert_once(caches, server, keras_files, tmp_path):
     go = tmp_path / 'go'
     children = []
@@ -377,6 +377,7 @@ def test_concurrent_processes_convert_once(caches, server, keras_files, tmp_path
     assert_keras_close(outputs[0], keras_files.logits)
 
 
+@pytest.mark.slow
 def test_loading_never_imports_tensorflow(caches, keras_files, tmp_path):
     _put_in_keras_cache(keras_files, TOP_FILE)
     out = tmp_path / 'logits.npz'

@@ -62,10 +62,16 @@ def test_the_scan_finds_every_kind_of_unpickling():
     assert unsafe_loads('import torch\ntorch.load(f, map_location="cpu", weights_only=True)\nnp.load(f)\n') == []
 
 
+# The one load allowed: `weights.export` reads back the `.pt2` it has just written (its own temporary file, never
+# one it was handed) to check it against eager; `torch.export.load` has no weights_only switch.
+ALLOWED_LOADS = {('resnetv2_zoo/weights/export.py', 'torch.export.load(...) without weights_only=True')}
+
+
 def test_the_package_never_unpickles():
     files = sorted(p for root in SCANNED for p in (REPO / root).rglob('*.py'))
     assert len(files) > 15  # the scan really covers the package
     found = [hit for path in files for hit in unsafe_loads(path.read_text(), str(path.relative_to(REPO)))]
+    found = [hit for hit in found if (hit.split(':')[0], hit.split(': ', 1)[-1]) not in ALLOWED_LOADS]
     assert found == []
 
 
@@ -123,7 +129,7 @@ def test_load_model_refuses_pickles_as_file_and_directory(tmp_path, marker):
         with pytest.raises(ResNetV2ZooError, match='is not a safetensors file') as info:
             load_model(path)
         assert str(path) in str(info.value)
-        directory = model_dir_with(path, tmp_path / f'dir_{path.stem}')
+        directory = model_dir_with(path, tmp_path / f'dir_{path.name}')
         with pytest.raises(ResNetV2ZooError, match='is not a safetensors file'):
             load_model(directory)
 

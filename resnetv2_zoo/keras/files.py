@@ -10,10 +10,10 @@ Keras, through the model object it is handed. Formats:
   Keras >= 3.6 also stores the layer name in `vars.attrs['name']`, older files need `layer_order`.
 * `keras_zip`: a `.keras` archive, read in memory; its `config.json` names the layers of older files.
 * `live_model`: a `keras.Model` object.
+* `tfjs_layers`: a TensorFlow.js layers model (folder with `model.json` + shards), read by `keras.tfjs`.
 """
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -27,6 +27,9 @@ import h5py
 import numpy as np
 
 from ..errors import KerasFileError
+from .safe_json import JsonDoc, load_json
+from .safe_json import join as json_join
+from .tfjs import is_tfjs_path, read_tfjs_layers
 
 PathLike = Union[str, os.PathLike]
 LayerWeights = Dict[str, Dict[str, np.ndarray]]
@@ -39,7 +42,8 @@ LayerOrder = Callable[[Dict[str, int]], Optional[Dict[str, Sequence[str]]]]
 # leave room for heads of 100k+ classes.
 MAX_TENSOR_BYTES = 1 << 30
 MAX_TOTAL_BYTES = 4 << 30
-MAX_ZIP_MEMBER_BYTES = {'model.weights.h5': MAX_TOTAL_BYTES, 'config.json': 64 << 20, 'metadata.json': 1 << 20}
+# ResNet152V2's config.json is 0.5 MiB; 16 MiB keeps what `json.loads` can build from it to a few hundred MiB.
+MAX_ZIP_MEMBER_BYTES = {'model.weights.h5': MAX_TOTAL_BYTES, 'config.json': 16 << 20, 'metadata.json': 1 << 20}
 # What h5py raises on a damaged file, depending on where the damage is: HDF5 errors surface as OSError,
 # KeyError or RuntimeError, bad metadata decodes as ValueError / TypeError / IndexError.
 H5PY_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
@@ -75,8 +79,17 @@ def read_keras_weights(
     if not isinstance(source, (str, os.PathLike)):
         return _read_live_model(source)
     path = Path(source)
+    if is_tfjs_path(path):
+        return _read_tfjs(path)
+    from .tf_checkpoint import find_tf_format, read_tf_weights  # imports this module's helpers
+
+    tf_format = find_tf_format(path)  # a TF checkpoint (prefix, .index, folder) or a SavedModel directory
+    if tf_format is not None:
+        return read_tf_weights(tf_format)
     if path.is_dir():
-        raise KerasFileError(f'{path} is a directory; expected a Keras weights file (.h5, .weights.h5 or .keras)')
+        raise KerasFileError(f'{path} is a directory, but neither a SavedModel (saved_model.pb) nor a folder with a '
+                             'TensorFlow `checkpoint` file; expected a Keras file (.h5, .weights.h5 or .keras), '
+                             'one of those folders, or a checkpoint prefix such as cp.ckpt')
     if not path.is_file():
         raise KerasFileError(f'{path}: no such file')
     if path.stat().st_size == 0:
@@ -307,20 +320,31 @@ def _recover_keras3_names(source: str, keys: List[str], config_names: Optional[D
     return names
 
 
-def _keras3_names_from_config(config: Dict[str, Any]) -> Dict[str, str]:
-    """Weight-group path -> layer name, numbering layers per class in `config.json` order as Keras does."""
+def _keras3_names_from_config(config: Any, where: str = 'config.json') -> Dict[str, str]:
+    """Weight-group path -> layer name, numbering layers per class in `config.json` order as Keras does.
+
+    Every value used is type-checked; a bad one is a `KerasFileError` naming `where` and its key path. The
+    recursion follows nested models, at most `MAX_JSON_DEPTH / 4` deep (each level is 4 JSON levels).
+    """
+    doc = JsonDoc(where)
     names: Dict[str, str] = {}
 
-    def visit(model_config: Dict[str, Any], path: str) -> None:
+    def visit(model_config: Dict[str, Any], key_path: str, path: str) -> None:
+        inner = doc.get(model_config, 'config', dict, key_path, default={})
+        layers_path = json_join(json_join(key_path, 'config'), 'layers')
         used: Dict[str, int] = {}
-        for layer in model_config.get('config', {}).get('layers', []):
-            cls = _snake_case(layer['class_name'])
+        for i, layer in enumerate(doc.get(inner, 'layers', list, json_join(key_path, 'config'), default=[])):
+            layer_path = json_join(layers_path, i)
+            layer = doc.expect(layer, dict, layer_path)
+            cls = _snake_case(doc.get(layer, 'class_name', str, layer_path))
+            layer_name = doc.get(doc.get(layer, 'config', dict, layer_path), 'name', str,
+                                 json_join(layer_path, 'config'))
             key = cls if cls not in used else f'{cls}_{used[cls] + 1}'
             used[cls] = used.get(cls, -1) + 1
-            names[f'{path}/{key}'] = layer['config']['name']
-            visit(layer, f'{path}/{key}/layers')
+            names[f'{path}/{key}'] = layer_name
+            visit(layer, layer_path, f'{path}/{key}/layers')
 
-    visit(config, 'layers')
+    visit(doc.expect(config, dict, ''), '', 'layers')
     return names
 
 
@@ -341,22 +365,30 @@ def _read_keras_zip(path: Path, layer_order: Optional[LayerOrder]) -> KerasWeigh
             if 'model.weights.h5' not in members:
                 raise KerasFileError(f'{path} is a zip archive without model.weights.h5 (found {sorted(members)[:5]}); '
                                      'sharded or npz .keras archives are not supported')
-            config = json.loads(archive.read('config.json')) if 'config.json' in members else None
-            metadata = json.loads(archive.read('metadata.json')) if 'metadata.json' in members else {}
+            config = None
+            if 'config.json' in members:
+                config = load_json(archive.read('config.json'), f'{path}: config.json')
+                _keras3_names_from_config(config, f'{path}: config.json')  # checks every value used, before use
+            keras_version = 'unknown'
+            if 'metadata.json' in members:
+                metadata = JsonDoc(f'{path}: metadata.json')
+                keras_version = metadata.get(
+                    metadata.expect(load_json(archive.read('metadata.json'), metadata.where), dict, ''),
+                    'keras_version', str, '', default='unknown')
             weights_bytes = archive.read('model.weights.h5')
     except KerasFileError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # JSONDecodeError: ValueError
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise KerasFileError(f'{path} is a damaged .keras archive: {type(e).__name__}: {e}') from e
     try:
         with h5py.File(io.BytesIO(weights_bytes), 'r') as h5:
-            weights = _read_h5(h5, str(path), layer_order, config=config if isinstance(config, dict) else None)
+            weights = _read_h5(h5, str(path), layer_order, config=config)
     except KerasFileError:
         raise
     except H5PY_ERRORS as e:
         raise KerasFileError(f'{path}: model.weights.h5 in the archive is corrupt: {type(e).__name__}: {e}') from e
     weights.source_format = 'keras_zip'
-    weights.keras_version = str(metadata.get('keras_version', 'unknown'))
+    weights.keras_version = keras_version
     return weights
 
 
@@ -373,6 +405,13 @@ def _check_zip_members(path: Path, members: Iterable[zipfile.ZipInfo]) -> None:
         if cap is not None and info.file_size > cap:
             raise KerasFileError(f'{path}: archive member {name} declares {info.file_size} bytes uncompressed '
                                  f'({info.compress_size} compressed), over the {cap}-byte limit (zip bomb?)')
+
+
+# --- TensorFlow.js layers model ---
+
+def _read_tfjs(path: Path) -> KerasWeights:
+    layers, source, keras_version = read_tfjs_layers(path)
+    return KerasWeights(layers, source, 'tfjs_layers', keras_version)
 
 
 # --- live model ---

@@ -25,3 +25,18 @@ def import_keras() -> ModuleType:
     if keras.backend.backend() != 'tensorflow':
         raise ImportError(f'Keras must run on the TensorFlow backend, found {keras.backend.backend()!r}.')
     return keras
+
+
+def import_tf_keras() -> ModuleType:
+    """Import Keras 2 (`tf_keras`) safely after torch, for `--verify` on TensorFlow checkpoints and SavedModels
+    (Keras 3 cannot load either); a clear error if it is not installed."""
+    import timm  # noqa: F401  (imports torch and torchvision before TensorFlow)
+
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    try:
+        import tf_keras
+    except ImportError as e:
+        raise ImportError(
+            'This needs Keras 2 to load a TensorFlow checkpoint or SavedModel: pip install "resnetv2-zoo[keras]" '
+            f'(tf-keras). Import failed with: {e}') from e
+    return tf_keras

@@ -5,10 +5,12 @@
 (`WEIGHTS_HASHES`) and the published top-1. The model entry points, the converter, `pretrained=True`
 and `--verify` all read it, so a fact about an architecture is written once.
 
-The rest is the one table between Keras layer names and our parameter names. Weights are matched by
-layer name, never by order or shape: in `conv2_block1`, `0_conv` (the projection shortcut) and
-`3_conv` have the same shape, so any positional or shape-based matching can silently swap them
-(tensorflow/tensorflow#33459).
+The rest is the one table between Keras layer names and our parameter names, for both families:
+ResNetV2 (`family='v2'`) and ResNet v1 (`family='v1'`), the latter under both of its spellings, the
+keras.applications names (`conv2_block1_1_conv`) and the original Keras 2 names of the 2017 ResNet50
+release (`res2a_branch2a`; see `canonical_layer_name`). Weights are matched by layer name, never by
+order or shape: in `conv2_block1`, `0_conv` (the projection shortcut) and `3_conv` have the same
+shape, so any positional or shape-based matching can silently swap them (tensorflow/tensorflow#33459).
 """
 import re
 from dataclasses import dataclass
@@ -28,7 +30,9 @@ class KerasResNet:
     keras_app: str  # attribute of `keras.applications`
     block_counts: Tuple[int, int, int, int]  # residual blocks per stage, conv2..conv5
     weights_md5: Tuple[str, str]  # MD5 of the official weights (with top, without top), Keras's WEIGHTS_HASHES
-    top1_299: float  # Keras's published ImageNet top-1 (%), at 299 px
+    top1: float  # Keras's published ImageNet top-1 (%), keras.io/api/applications
+    top1_size: int = 299  # input size of the model card's top-1 figure
+    family: str = 'v2'  # 'v2': keras.applications.resnet_v2 (pre-activation); 'v1': keras.applications.resnet
 
     def weights_file_name(self, include_top: bool = True) -> str:
         """File name Keras gives the official weights, e.g. `resnet50v2_weights_tf_dim_ordering_tf_kernels.h5`."""
@@ -45,7 +49,15 @@ KERAS_RESNETS: Dict[str, KerasResNet] = {spec.arch: spec for spec in (
                 ('6343647c601c52e1368623803854d971', 'c0ed64b8031c3730f411d2eb4eea35b5'), 77.2),
     KerasResNet('resnet152v2_keras', 'ResNet152V2', (3, 8, 36, 3),
                 ('a49b44d1979771252814e80f8ec446f9', 'ed17cf2e0169df9d443503ef94b23b33'), 78.0),
+    KerasResNet('resnet50_keras', 'ResNet50', (3, 4, 6, 3),
+                ('2cb95161c43110f7111970584f804107', '4d473c1dd8becc155b73f8504c6f6626'), 74.9, 224, 'v1'),
+    KerasResNet('resnet101_keras', 'ResNet101', (3, 4, 23, 3),
+                ('f1aeb4b969a6efcfb50fad2f0c20cfc5', '88cf7a10940856eca736dc7b7e228a21'), 76.4, 224, 'v1'),
+    KerasResNet('resnet152_keras', 'ResNet152', (3, 8, 36, 3),
+                ('100835be76be38e30d865e96f2aaae62', 'ee4c566cf9a93f14d82f913c2dc6dd0c'), 76.6, 224, 'v1'),
 )}
+
+FAMILIES = ('v1', 'v2')
 
 # Keras layer name -> module name, for the layers outside the residual blocks.
 TOP_LEVEL_LAYERS: Dict[str, str] = {
@@ -76,52 +88,142 @@ BN_VARS: Dict[str, str] = {
     'moving_variance': 'running_var',
 }
 
+# ResNet v1 (`keras.applications.resnet`, `residual_block_v1`): post-activation, every conv biased.
+V1_TOP_LEVEL_LAYERS: Dict[str, str] = {
+    'conv1_conv': 'stem.conv',
+    'conv1_bn': 'stem.norm',
+    'predictions': 'head.fc',
+}
+V1_BLOCK_LAYERS: Dict[str, str] = {
+    '0_conv': 'downsample.conv',
+    '0_bn': 'downsample.norm',
+    '1_conv': 'conv1',
+    '1_bn': 'norm1',
+    '2_conv': 'conv2',
+    '2_bn': 'norm2',
+    '3_conv': 'conv3',
+    '3_bn': 'norm3',
+}
+
 FIRST_STAGE = 2  # Keras numbers the stages conv2..conv5
-_BLOCK_RE = re.compile(r'^conv(?P<stage>\d+)_block(?P<block>\d+)_(?P<suffix>' + '|'.join(BLOCK_LAYERS) + r')$')
+_BLOCK_RE = {
+    'v2': re.compile(r'^conv(?P<stage>\d+)_block(?P<block>\d+)_(?P<suffix>' + '|'.join(BLOCK_LAYERS) + r')$'),
+    'v1': re.compile(r'^conv(?P<stage>\d+)_block(?P<block>\d+)_(?P<suffix>' + '|'.join(V1_BLOCK_LAYERS) + r')$'),
+}
 
 
-def module_for_layer(layer: str) -> str:
-    """Module name of the Keras layer `layer`; KeyError for a name that is not a ResNetV2 weight layer."""
-    if layer in TOP_LEVEL_LAYERS:
-        return TOP_LEVEL_LAYERS[layer]
-    match = _BLOCK_RE.match(layer)
+def _tables(family: str) -> Tuple[Dict[str, str], Dict[str, str]]:
+    if family == 'v2':
+        return TOP_LEVEL_LAYERS, BLOCK_LAYERS
+    if family == 'v1':
+        return V1_TOP_LEVEL_LAYERS, V1_BLOCK_LAYERS
+    raise ValueError(f'family must be one of {FAMILIES}, got {family!r}')
+
+
+def module_for_layer(layer: str, family: str = 'v2') -> str:
+    """Module name of the Keras layer `layer`; KeyError for a name that is not a weight layer of `family`."""
+    top_level, block_layers = _tables(family)
+    if layer in top_level:
+        return top_level[layer]
+    match = _BLOCK_RE[family].match(layer)
     if match is None:
         raise KeyError(layer)
     stage, block = int(match['stage']) - FIRST_STAGE, int(match['block']) - 1
     if stage < 0 or block < 0:
         raise KeyError(layer)
-    return f'stages.{stage}.blocks.{block}.{BLOCK_LAYERS[match["suffix"]]}'
+    return f'stages.{stage}.blocks.{block}.{block_layers[match["suffix"]]}'
 
 
-def layer_vars(layer: str) -> Dict[str, str]:
+def layer_vars(layer: str, family: str = 'v2') -> Dict[str, str]:
     """Keras variable name -> PyTorch tensor name for `layer`."""
     if layer == 'predictions':
         return DENSE_VARS
     if layer.endswith('_bn'):
         return BN_VARS
-    if layer.endswith(('_1_conv', '_2_conv')):
+    if family == 'v2' and layer.endswith(('_1_conv', '_2_conv')):
         return CONV_NO_BIAS_VARS
-    return CONV_VARS
+    return CONV_VARS  # v1: every conv has a bias, even those a BatchNorm follows
 
 
 # Block layers in `model.layers` order. Keras sorts a functional model's layers by graph depth, so
 # the projection `0_conv` comes after `2_bn`, not where `residual_block_v2` creates it.
 BLOCK_LAYER_ORDER = ('preact_bn', '1_conv', '1_bn', '2_conv', '2_bn', '0_conv', '3_conv')
+V1_BLOCK_LAYER_ORDER = ('1_conv', '1_bn', '2_conv', '2_bn', '0_conv', '3_conv', '0_bn', '3_bn')
 
-def keras_layer_names(block_counts: Sequence[int], include_top: bool) -> List[str]:
-    """Weight layers of a Keras ResNetV2 in `model.layers` order, the order `.weights.h5` numbers them in."""
-    names = ['conv1_conv']
+
+def keras_layer_names(block_counts: Sequence[int], include_top: bool, family: str = 'v2') -> List[str]:
+    """Weight layers of a Keras ResNet in `model.layers` order, the order `.weights.h5` numbers them in."""
+    _tables(family)  # validates `family`
+    order = BLOCK_LAYER_ORDER if family == 'v2' else V1_BLOCK_LAYER_ORDER
+    names = ['conv1_conv'] if family == 'v2' else ['conv1_conv', 'conv1_bn']
     for stage, depth in enumerate(block_counts, start=FIRST_STAGE):
         for block in range(1, depth + 1):
-            names += [f'conv{stage}_block{block}_{s}' for s in BLOCK_LAYER_ORDER if block == 1 or s != '0_conv']
-    names.append('post_bn')
+            names += [f'conv{stage}_block{block}_{s}' for s in order if block == 1 or not s.startswith('0_')]
+    if family == 'v2':
+        names.append('post_bn')
     if include_top:
         names.append('predictions')
     return names
 
 
+# --- the original Keras 2 names of ResNet (v1) ---
+# Keras 2's `resnet50.py` (2017, the official `resnet50_weights_tf_dim_ordering_tf_kernels.h5` and the TF.js
+# export of it) named layers as the Caffe release of ResNet did: `conv1`, `bn_conv1`, `res2a_branch2a`,
+# `bn2a_branch2a`, ..., `res2a_branch1` (projection), `fc1000`; block letters a, b, c, ... per stage.
+# No Keras release used them for ResNet101/152; the Caffe release numbered their long stages
+# `res4a`, `res4b1` ... `res4b22`. Both block spellings are read; `legacy_layer_name` writes the Caffe one.
+LEGACY_TOP_LEVEL: Dict[str, str] = {'conv1': 'conv1_conv', 'bn_conv1': 'conv1_bn', 'fc1000': 'predictions'}
+LEGACY_BRANCHES: Dict[str, str] = {'branch2a': '1', 'branch2b': '2', 'branch2c': '3', 'branch1': '0'}
+_LEGACY_BLOCK_RE = re.compile(
+    r'^(?P<kind>res|bn)(?P<stage>[2-9])(?P<letter>[a-z])(?P<number>\d*)_'
+    r'(?P<branch>' + '|'.join(LEGACY_BRANCHES) + r')$')
+_CANONICAL_V1_RE = re.compile(r'^conv(?P<stage>\d)_block(?P<block>\d+)_(?P<branch>[0-3])_(?P<kind>conv|bn)$')
+_LEGACY_TOP_LEVEL_INV = {v: k for k, v in LEGACY_TOP_LEVEL.items()}
+_BRANCHES_INV = {v: k for k, v in LEGACY_BRANCHES.items()}
+
+
+def is_legacy_layer_name(layer: str) -> bool:
+    """True for a layer name of the original Keras 2 / Caffe ResNet spelling (`res2a_branch2a`, `fc1000`)."""
+    return layer in LEGACY_TOP_LEVEL or _LEGACY_BLOCK_RE.match(layer) is not None
+
+
+def canonical_layer_name(layer: str) -> str:
+    """The keras.applications name of an original-spelling layer (`res2a_branch2a` -> `conv2_block1_1_conv`,
+    `res4b22_branch2c` -> `conv4_block23_3_conv`); any other name is returned unchanged."""
+    if layer in LEGACY_TOP_LEVEL:
+        return LEGACY_TOP_LEVEL[layer]
+    match = _LEGACY_BLOCK_RE.match(layer)
+    if match is None:
+        return layer
+    letter, number = match['letter'], match['number']
+    if number:  # Caffe's numbering of long stages: `b1` is the second block
+        if letter != 'b' or int(number) < 1:
+            return layer
+        block = int(number) + 1
+    else:
+        block = ord(letter) - ord('a') + 1
+    kind = 'conv' if match['kind'] == 'res' else 'bn'
+    return f'conv{match["stage"]}_block{block}_{LEGACY_BRANCHES[match["branch"]]}_{kind}'
+
+
+def legacy_layer_name(layer: str, block_counts: Sequence[int]) -> str:
+    """The original spelling of a v1 keras.applications layer name (the inverse of `canonical_layer_name`):
+    block letters where Keras 2's ResNet50 used them, Caffe's `b1`, `b2`, ... for the long stages of 101/152."""
+    if layer in _LEGACY_TOP_LEVEL_INV:
+        return _LEGACY_TOP_LEVEL_INV[layer]
+    match = _CANONICAL_V1_RE.match(layer)
+    if match is None:
+        return layer
+    stage, block = int(match['stage']), int(match['block'])
+    depth = block_counts[stage - FIRST_STAGE] if 0 <= stage - FIRST_STAGE < len(block_counts) else block
+    numbered = sum(block_counts) > 16 and depth > 3  # ResNet101/152 in Caffe: res3b1.., res4b1..
+    token = 'a' if block == 1 else (f'b{block - 1}' if numbered or block > 26 else chr(ord('a') + block - 1))
+    prefix = 'res' if match['kind'] == 'conv' else 'bn'
+    return f'{prefix}{stage}{token}_{_BRANCHES_INV[match["branch"]]}'
+
+
 def keras_class(layer: str) -> str:
-    """The Keras layer class of a ResNetV2 weight layer, as `.weights.h5` spells it."""
+    """The Keras layer class of a ResNet weight layer (either family), as `.weights.h5` spells it."""
     if layer == 'predictions':
         return 'dense'
     return 'batch_normalization' if layer.endswith('_bn') else 'conv2d'
@@ -142,8 +244,8 @@ def to_torch_layout(array: np.ndarray) -> torch.Tensor:
     return tensor
 
 
-def iter_tensor_names(layer: str) -> Iterator[Tuple[str, str]]:
+def iter_tensor_names(layer: str, family: str = 'v2') -> Iterator[Tuple[str, str]]:
     """(Keras variable name, full PyTorch state-dict key) for every variable of `layer`."""
-    module = module_for_layer(layer)
-    for keras_var, torch_var in layer_vars(layer).items():
+    module = module_for_layer(layer, family)
+    for keras_var, torch_var in layer_vars(layer, family).items():
         yield keras_var, f'{module}.{torch_var}'

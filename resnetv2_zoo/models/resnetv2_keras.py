@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, ImageNetInfo
 from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
+from .._timm_compat import feature_take_indices
 from ..keras.spec import KERAS_RESNETS
+from .keras_weights import keras_weights_url
 
 __all__ = ['ResNetV2Keras', 'GLOBAL_POOL_TYPES']
 
@@ -256,24 +257,34 @@ class ResNetV2Keras(nn.Module):
             intermediates_only: Return the intermediates alone.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}.")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+            # no f-string: TorchScript (`torch.jit.script` of a `features_only` model) cannot compile one
+            raise ValueError("output_fmt must be 'NCHW', got '" + output_fmt + "'.")
+        # written for TorchScript too: `torch.jit.script` of a `features_only` model compiles this method, and it
+        # takes no slice of a module list with a variable bound, nor the (mixed-type) `feature_info` dicts
+        take_indices, max_index = feature_take_indices(len(self.stage_taps) + 1, indices)
         last_idx = len(self.stages)
-        intermediates = []
-        x = self.stem.conv(x)
-        if 0 in take_indices:
-            intermediates.append(x)
         stop_at = max_index if stop_early else last_idx
-        if stop_at > 0:
-            x = self.stem.pool(x)
-        for feat_idx, (stage, tap) in enumerate(zip(self.stages[:stop_at], self.stage_taps), start=1):
-            x = stage.blocks[:tap](x)
-            if feat_idx == last_idx:
-                x = self.norm(x)
-            if feat_idx in take_indices:
+        intermediates: List[torch.Tensor] = []
+        for i, layer in enumerate(self.stem):  # conv, then pool (absent once pruned to the stem conv)
+            if i == 0 or stop_at > 0:
+                x = layer(x)
+            if i == 0 and 0 in take_indices:
                 intermediates.append(x)
-            if feat_idx < stop_at:
-                x = stage.blocks[tap:](x)
+        for stage_idx, stage in enumerate(self.stages):
+            feat_idx = stage_idx + 1
+            if feat_idx <= stop_at:
+                tap = self.stage_taps[stage_idx]
+                for block_idx, block in enumerate(stage.blocks):
+                    if block_idx < tap:
+                        x = block(x)
+                if feat_idx == last_idx:
+                    x = self.norm(x)
+                if feat_idx in take_indices:
+                    intermediates.append(x)
+                if feat_idx < stop_at:
+                    for block_idx, later_block in enumerate(stage.blocks):  # TorchScript: a new name per loop
+                        if block_idx >= tap:
+                            x = later_block(x)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -353,7 +364,7 @@ _IMAGENET_LABEL_NAMES = tuple(ImageNetInfo().label_names())  # WordNet ids, as K
 
 def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
     return {
-        'url': '',
+        'url': keras_weights_url(variant),  # makes timm list the weights; our hook resolves them (see keras_weights)
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'test_input_size': (3, 299, 299), 'test_pool_size': (10, 10),
         'crop_pct': 0.875, 'interpolation': 'bilinear',
@@ -365,7 +376,7 @@ def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
         'paper_ids': 'arXiv:1603.05027',
         'paper_name': 'Identity Mappings in Deep Residual Networks',
         'origin_url': 'https://keras.io/api/applications/resnet/',
-        'notes': (f'Keras ImageNet weights; Keras reports {KERAS_RESNETS[variant].top1_299}% top-1 at 299x299.',),
+        'notes': (f'Keras ImageNet weights; Keras reports {KERAS_RESNETS[variant].top1}% top-1 at 299x299.',),
         'label_names': _IMAGENET_LABEL_NAMES,
         **kwargs,
     }

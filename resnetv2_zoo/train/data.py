@@ -3,11 +3,15 @@
 Every file is decoded once up front (at reduced JPEG scale, so it is cheap) instead of failing inside
 a DataLoader worker: an unreadable file is then skipped with a warning and counted before training
 starts, every epoch sees the same samples, and all DDP ranks agree on the dataset length.
+
+Hidden files and folders (names starting with '.', which includes macOS `._*` AppleDouble files) and
+`__MACOSX` folders are metadata, not images: they are left out silently. An animated (multi-frame) image
+is used through its first frame, as PIL opens it; it is counted so that reports can say so.
 """
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,13 +22,18 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from ..errors import ResNetV2ZooError
 
 __all__ = [
-    'DataSplits', 'ImageSamples', 'load_rgb', 'to_rgb', 'scan_image_folder', 'stratified_split', 'load_splits',
+    'IMAGE_EXTENSIONS', 'DataSplits', 'FolderScan', 'ImageCheck', 'ImageSamples', 'load_rgb', 'to_rgb', 'check_images',
+    'scan_image_folder', 'scan_labelled_folder', 'stratified_split', 'DataLayout', 'find_layout', 'load_splits',
     'data_config_for', 'build_transforms', 'image_files_under',
 ]
 
 _logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 Sample = Tuple[str, int]
+# torchvision's list plus GIF, which PIL reads (an animated one through its first frame).
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + ('.gif',)
+# A folder of Finder metadata that macOS zip archives carry beside the real content.
+MACOS_METADATA_DIR = '__MACOSX'
 # Letterbox colour for transparent pixels: white, as image viewers show them.
 ALPHA_BACKGROUND = (255, 255, 255)
 # Extra train-time augmentation on top of timm's defaults: a fine-tune set is small, so crops stay large.
@@ -52,15 +61,46 @@ def load_rgb(path: PathLike) -> Image.Image:
         return to_rgb(img)
 
 
-def _unreadable_reason(path: str) -> Optional[str]:
-    """None if `path` decodes completely as an image, else why not."""
+def is_hidden(name: str) -> bool:
+    """Dot-names (hidden files, macOS `._*` AppleDouble resource forks) and macOS zip metadata folders."""
+    return name.startswith('.') or name == MACOS_METADATA_DIR
+
+
+@dataclass
+class ImageCheck:
+    """The outcome of decoding a list of files once: what is usable, what is not and why."""
+    readable: List[str] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    animated: List[str] = field(default_factory=list)  # readable files with more than one frame
+
+
+def _probe(path: str) -> Tuple[Optional[str], bool]:
+    """(None if `path` decodes completely as an image, else why not; whether it has more than one frame)."""
     try:
         with Image.open(path) as img:
             img.draft('RGB', (64, 64))  # JPEG: decode at 1/8 scale; still reads (and checks) the whole stream
             img.load()
+            return None, bool(getattr(img, 'is_animated', False))
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
-        return f'{type(e).__name__}: {e}'
-    return None
+        return f'{type(e).__name__}: {e}', False
+
+
+def check_images(paths: Sequence[str]) -> ImageCheck:
+    """Decode each file once; unreadable ones are logged (one warning each) and left out, animated ones noted."""
+    check = ImageCheck()
+    for path in paths:
+        reason, animated = _probe(path)
+        if reason is not None:
+            check.skipped.append((path, reason))
+            _logger.warning('skipping unreadable image %s (%s)', path, reason)
+            continue
+        check.readable.append(path)
+        if animated:
+            check.animated.append(path)
+    if check.animated:
+        shown = ', '.join(check.animated[:5]) + (', ...' if len(check.animated) > 5 else '')
+        _logger.info('%d animated image(s), each used through its first frame: %s', len(check.animated), shown)
+    return check
 
 
 @dataclass
@@ -68,6 +108,13 @@ class FolderScan:
     classes: List[str]
     samples: List[Sample]
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    animated: List[str] = field(default_factory=list)  # used through their first frame
+
+
+def _class_folders(root: str) -> List[str]:
+    if not os.path.isdir(root):
+        raise ResNetV2ZooError(f'data folder {root} does not exist')
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name))
 
 
 def scan_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None) -> FolderScan:
@@ -76,9 +123,7 @@ def scan_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None) -
     `classes` fixes the class list (a validation folder must match the training one).
     """
     root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise ResNetV2ZooError(f'data folder {root} does not exist')
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    found = _class_folders(root)
     if classes is None:
         classes = found
         if len(classes) < 2:
@@ -87,9 +132,37 @@ def scan_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None) -
                 f'least 2: lay it out as {root}/<class name>/<image files>')
     elif sorted(found) != sorted(classes):
         raise ResNetV2ZooError(f'{root} has class folders {found}, expected the training classes {list(classes)}')
-    class_to_idx = {name: i for i, name in enumerate(classes)}
-    candidates = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    samples, skipped, seen, repeats = [], [], set(), 0
+    return _scan(root, list(classes), {name: i for i, name in enumerate(classes)})
+
+
+def scan_labelled_folder(root: PathLike, class_to_idx: Mapping[str, int], owner: str = 'the model') -> FolderScan:
+    """Samples of an ImageFolder tree whose class folders are any non-empty subset of a model's classes.
+
+    Targets are the model's class indices (`class_to_idx[folder name]`), so a held-out folder with one
+    class, or a few of many, is scored against the model's full head. `FolderScan.classes` lists the
+    folders found. A folder the model (`owner`, for messages) does not know is refused, naming it.
+    """
+    root = os.fspath(root)
+    found = _class_folders(root)
+    if not found:
+        raise ResNetV2ZooError(f'{root} has no class folder: lay it out as {root}/<class name>/<image files>')
+    unknown = [name for name in found if name not in class_to_idx]
+    if unknown:
+        known = list(class_to_idx)
+        shown = ', '.join(map(repr, known[:10])) + (f', ... ({len(known)} in all)' if len(known) > 10 else '')
+        raise ResNetV2ZooError(f'{root} has class folders {unknown} that {owner} does not know; its classes are '
+                               f'{shown}')
+    return _scan(root, found, {name: class_to_idx[name] for name in found})
+
+
+def _scan(root: str, classes: List[str], class_to_idx: Mapping[str, int]) -> FolderScan:
+    """Decode-checked samples of the class folders in `class_to_idx`; every one must keep a readable image."""
+    def is_image_file(path: str) -> bool:
+        parts = os.path.relpath(path, root).split(os.sep)
+        return path.lower().endswith(IMAGE_EXTENSIONS) and not any(is_hidden(part) for part in parts)
+
+    candidates = make_dataset(root, dict(class_to_idx), is_valid_file=is_image_file, allow_empty=True)
+    unique, seen, repeats = [], set(), 0
     for path, target in candidates:
         # make_dataset follows symlinks: a link back up the tree (a loop) repeats files until the OS stops it
         # with ELOOP, and a linked copy would leak a training image into validation. Keep one path per file.
@@ -98,22 +171,20 @@ def scan_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None) -
             repeats += 1
             continue
         seen.add(real_path)
-        reason = _unreadable_reason(path)
-        if reason is None:
-            samples.append((path, target))
-        else:
-            skipped.append((path, reason))
-            _logger.warning('skipping unreadable image %s (%s)', path, reason)
+        unique.append((path, target))
     if repeats:
         _logger.warning('%d paths under %s lead to files already listed (symbolic links); each file is used once',
                         repeats, root)
-    counts = np.bincount([t for _, t in samples], minlength=len(classes))
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    check = check_images([path for path, _ in unique])
+    readable = set(check.readable)
+    samples = [(path, target) for path, target in unique if path in readable]
+    present = {target for _, target in samples}
+    empty = [name for name in classes if class_to_idx[name] not in present]
     if empty:
         raise ResNetV2ZooError(
             f'class folder(s) {", ".join(os.path.join(root, c) for c in empty)} hold no readable image '
-            f'(extensions {", ".join(IMG_EXTENSIONS)}); add images or remove the folder')
-    return FolderScan(list(classes), samples, skipped)
+            f'(extensions {", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder')
+    return FolderScan(classes, samples, check.skipped, check.animated)
 
 
 def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
@@ -137,17 +208,96 @@ class DataSplits:
     train: List[Sample]
     val: List[Sample]
     skipped: List[Tuple[str, str]]
+    animated: List[str] = field(default_factory=list)  # used through their first frame
+    layout: Optional['DataLayout'] = None  # the folders they came from
+    test: List[Sample] = field(default_factory=list)  # the dataset root's test/ images (class indices of `classes`)
+
+
+# Split folder names of a dataset root, as timm's train.py (and torchvision, Kaggle, weather4) lay them out.
+TRAIN_SPLIT = 'train'
+VAL_SPLITS = ('val', 'valid', 'validation')
+TEST_SPLIT = 'test'
+SPLIT_NAMES = (TRAIN_SPLIT, *VAL_SPLITS, TEST_SPLIT)
+
+
+@dataclass
+class DataLayout:
+    """Which folders hold which split: `train` always; `val` and `test` when the dataset has them."""
+    train: str
+    val: Optional[str] = None
+    test: Optional[str] = None
+    description: str = ''  # one line for the log: which layout was taken
+
+    @property
+    def is_split_root(self) -> bool:
+        return self.description.startswith('dataset root')
+
+
+def _holds_images_directly(folder: str) -> bool:
+    return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(e.name)
+               for e in os.scandir(folder))
+
+
+def find_layout(data: PathLike, val_data: Optional[PathLike] = None) -> DataLayout:
+    """Where the training, validation and test images of `--data` are.
+
+    A dataset root (`data/train/<class>/...` beside `val/` (or `valid/`, `validation/`) and `test/`, the
+    layout of timm's train.py) uses those folders; otherwise `data` itself is one ImageFolder of class
+    folders. A folder named like a split is never taken as a class: a root mixing split folders with
+    other folders, split folders without `train/`, or a `train/` holding images instead of class folders
+    is refused, saying why. An explicit `val_data` overrides the root's validation folder.
+    """
+    root = os.fspath(data)
+    folders = _class_folders(root)
+    splits = [name for name in folders if name.lower() in SPLIT_NAMES]
+    if not splits:
+        val = os.fspath(val_data) if val_data is not None else None
+        how = f'validation from {val}' if val is not None else 'validation split off it'
+        return DataLayout(root, val, None, f'class folders in {root} ({how})')
+    others = [name for name in folders if name.lower() not in SPLIT_NAMES]
+    exact = {name.lower(): name for name in splits}
+    if others or TRAIN_SPLIT not in exact:
+        found = ', '.join(f'{name}/' for name in splits)
+        problem = (f'mixes split folder(s) {found} with other folders ({", ".join(others[:5])})' if others
+                   else f'has split folder(s) {found} but no train/')
+        raise ResNetV2ZooError(
+            f'{root} {problem}: a folder named like a split is never taken as a class. Use a dataset root of '
+            f'train/ [val/] [test/] folders of class folders, or a folder of class folders none named '
+            f'{"/".join(SPLIT_NAMES)} (rename such a class folder)')
+    train = os.path.join(root, exact[TRAIN_SPLIT])
+    if _holds_images_directly(train) and not _class_folders(train):
+        raise ResNetV2ZooError(
+            f'{train} holds images, not class folders: if {", ".join(splits)} are your classes, rename them; as a '
+            f'dataset root, {root} needs train/<class>/<images>')
+    val_name = next((exact[name] for name in VAL_SPLITS if name in exact), None)
+    if val_data is not None:
+        val, val_how = os.fspath(val_data), f'validation from --val-data {os.fspath(val_data)}'
+    elif val_name is not None:
+        val, val_how = os.path.join(root, val_name), f'{val_name}/ for validation'
+    else:
+        val, val_how = None, 'validation split off train/'
+    test = os.path.join(root, exact[TEST_SPLIT]) if TEST_SPLIT in exact else None
+    test_how = ', test/ for the final report' if test is not None else ''
+    return DataLayout(train, val, test, f'dataset root {root}: train/ for training, {val_how}{test_how}')
 
 
 def load_splits(data: PathLike, val_data: Optional[PathLike] = None, val_split: float = 0.2,
                 seed: int = 0) -> DataSplits:
-    """Training and validation samples: `val_data` if given, else a seeded stratified split of `data`."""
-    scan = scan_image_folder(data)
-    if val_data is not None:
-        val_scan = scan_image_folder(val_data, scan.classes)
-        return DataSplits(scan.classes, scan.samples, val_scan.samples, scan.skipped + val_scan.skipped)
+    """Training and validation samples of `data` (see `find_layout`): a validation folder if there is one, else a
+    seeded stratified split of the training images."""
+    layout = find_layout(data, val_data)
+    scan = scan_image_folder(layout.train)
+    test = FolderScan(scan.classes, [])
+    if layout.test is not None:  # checked now, not after training: any subset of the training classes
+        test = scan_labelled_folder(layout.test, {name: i for i, name in enumerate(scan.classes)},
+                                    owner=f'the training set ({layout.train})')
+    if layout.val is not None:
+        val_scan = scan_image_folder(layout.val, scan.classes)
+        return DataSplits(scan.classes, scan.samples, val_scan.samples, scan.skipped + val_scan.skipped + test.skipped,
+                          scan.animated + val_scan.animated + test.animated, layout, test.samples)
     train, val = stratified_split(scan.samples, val_split, seed)
-    return DataSplits(scan.classes, train, val, scan.skipped)
+    return DataSplits(scan.classes, train, val, scan.skipped + test.skipped, scan.animated + test.animated, layout,
+                      test.samples)
 
 
 class ImageSamples(torch.utils.data.Dataset):
@@ -185,13 +335,22 @@ def build_transforms(model: torch.nn.Module, img_size: Optional[int] = None, aug
     return train_transform, eval_transform
 
 
+def _walk_images(folder: str) -> List[str]:
+    files = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if not is_hidden(d)]
+        files += [os.path.join(directory, f) for f in names
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(f)]
+    return sorted(files)
+
+
 def image_files_under(paths: Sequence[PathLike]) -> List[str]:
-    """Files named on the command line, and image files found (recursively, sorted) under named folders."""
+    """Files named on the command line, and image files found (recursively, sorted, hidden ones left out) under
+    named folders."""
     files = []
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
-            files += sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                            if f.lower().endswith(IMG_EXTENSIONS))
+            files += _walk_images(path)
         elif os.path.isfile(path):
             files.append(path)
         else:

@@ -5,18 +5,23 @@ same images); with `--data` it does the same on real photos: fine-tune, evaluate
 every output is.
 """
 import argparse
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..argtypes import image_size, non_negative_int, positive_int
+from .data import find_layout
 from .evaluate import evaluate_folder, format_report
-from .finetune import RUN_FILES, finetune_args, run_finetune
+from .finetune import finetune_args, output_lines, run_finetune
 from .predict import predict_files
+from .resume import check_out
 
-__all__ = ['SYNTHETIC_CLASSES', 'make_synthetic_dataset', 'run_demo']
+__all__ = ['SYNTHETIC_CLASSES', 'DemoResult', 'demo', 'make_synthetic_dataset', 'run_demo']
 
 # Each class is a shape in its own colour family on a noisy background: learnable in a few hundred steps.
 SYNTHETIC_CLASSES: Dict[str, Tuple[str, Tuple[int, int, int]]] = {
@@ -63,14 +68,36 @@ def make_synthetic_dataset(root: Path, train_per_class: int = 40, test_per_class
 
 
 def _layout(data: Path) -> Tuple[Path, Optional[Path], Optional[Path]]:
-    """(train, val, test) folders: `train/`, `val/`, `test/` subfolders if present, else `data` itself."""
-    if not (data / 'train').is_dir():
-        return data, None, None
-    val, test = (data / name if (data / name).is_dir() else None for name in ('val', 'test'))
-    return data / 'train', val, test
+    """(train, val, test) folders as `finetune` finds them (see `data.find_layout`)."""
+    layout = find_layout(data)
+    return Path(layout.train), Path(layout.val) if layout.val else None, Path(layout.test) if layout.test else None
 
 
-def run_demo(args: argparse.Namespace) -> None:
+@dataclass
+class DemoResult:
+    """Where the demo left everything: `out` holds `run/` (the fine-tuning run) and, without `data`, `data/`."""
+
+    out: Path
+    run_dir: Path
+    summary: Dict[str, Any]  # the run's summary.json
+
+
+def demo(out: Optional[Union[str, os.PathLike]] = None, data: Optional[Union[str, os.PathLike]] = None,
+         img_size: int = 48, epochs: int = 6, batch_size: int = 16, seed: int = 0) -> DemoResult:
+    """`resnetv2-zoo demo` from Python: fine-tune, evaluate and predict end to end, printing as the command does.
+
+    `out` must be new or empty (default: a new temporary folder); `data` is an image folder or dataset root
+    (default: a small synthetic 4-class set drawn into `out/data`).
+    """
+    args = argparse.Namespace(out=os.fspath(out) if out is not None else None,
+                              data=os.fspath(data) if data is not None else None, img_size=img_size, epochs=epochs,
+                              batch_size=batch_size, seed=seed)
+    return run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> DemoResult:
+    if args.out:
+        check_out(args.out, [args.data])  # a new or empty folder: never mixed into other files
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix='resnetv2-zoo-demo-'))
     out.mkdir(parents=True, exist_ok=True)
     if args.data:
@@ -102,9 +129,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
     print(f'\nbest validation accuracy {100 * summary["best_val_acc"]:.1f}% (epoch {summary["best_epoch"]}), '
           f'{summary["wall_seconds"]:.0f} s of fine-tuning. Outputs:')
-    for name in RUN_FILES:
-        print(f'  {name:12s} {run_dir / RUN_FILES[name]}')
+    print('\n'.join(output_lines(run_dir)))
     print(f'\nnext: resnetv2-zoo evaluate {run_dir} --data DIR;  resnetv2-zoo predict {run_dir} IMAGE_OR_DIR')
+    return DemoResult(out, run_dir, summary)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,9 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description='Fine-tune resnet50v2_keras briefly on a synthetic 4-class image set (or on '
                                         '--data), then evaluate and predict, printing where every output is.')
     parser.add_argument('--data', help='real photos: class folders, or train/ [val/] [test/] folders of them')
-    parser.add_argument('--out', help='output folder (default: a new temporary folder)')
-    parser.add_argument('--img-size', type=int, default=48)
-    parser.add_argument('--epochs', type=int, default=6)
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', help='output folder, new or empty (default: a new temporary folder)')
+    parser.add_argument('--img-size', type=image_size, default=48)
+    parser.add_argument('--epochs', type=positive_int, default=6)
+    parser.add_argument('--batch-size', type=positive_int, default=16)
+    parser.add_argument('--seed', type=non_negative_int, default=0)
     parser.set_defaults(func=run_demo)

@@ -1,16 +1,37 @@
-"""`resnetv2-zoo evaluate CHECKPOINT --data DIR`: accuracy, per-class precision/recall/F1, confusion matrix."""
+"""`resnetv2-zoo evaluate CHECKPOINT --data DIR`: accuracy, per-class precision/recall/F1, confusion matrix.
+
+The held-out folder may hold any subset of the checkpoint's classes (one included): each folder name is
+mapped to the checkpoint's class index. Nothing is written unless `--plot PATH` asks for the figure.
+`evaluate()` is the Python API (`resnetv2_zoo.evaluate`); the command is a thin layer over it.
+"""
 import argparse
 import json
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from timm.utils import natural_key
 
+from ..argtypes import DefaultsHelpFormatter, image_size, non_negative_int, optional_path, positive_int
 from ..errors import ResNetV2ZooError
-from .data import ImageSamples, build_transforms, scan_image_folder
-from .runtime import label_names_of, load_classifier, pick_device, predict_loader, prepare_for_device
+from .data import _class_folders, build_transforms, scan_labelled_folder
+from .runtime import (
+    AMP_CHOICES,
+    check_checkpoint,
+    label_names_of,
+    load_classifier,
+    pick_device,
+    predict_samples,
+    prepare_for_inference,
+    resolve_amp,
+)
 
-__all__ = ['ClassReport', 'Report', 'classification_report', 'format_report', 'evaluate_folder']
+__all__ = ['ClassReport', 'Report', 'classification_report', 'format_report', 'evaluate', 'evaluate_folder']
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +49,9 @@ class Report:
     num_images: int
     classes: List[ClassReport]
     confusion: List[List[int]]  # rows: true class, columns: predicted class
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable files left out
+    animated: List[str] = field(default_factory=list)  # multi-frame images, scored on their first frame
+    plot: Optional[str] = None  # the confusion matrix PNG, when one was asked for
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -37,8 +61,19 @@ def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, num_classes
     return torch.bincount(targets * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
-def classification_report(predicted: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str]) -> Report:
+def classification_report(predicted: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                          only_seen: bool = False) -> Report:
+    """Accuracy and per-class metrics over `class_names` (indexed like the logits).
+
+    With `only_seen`, classes that are neither in `targets` nor predicted are left out of the table and
+    the matrix. Their rows and columns are all zero, so nothing else changes, and a 3-folder evaluation
+    of a 1000-class model gets a 3-to-few-row report rather than a 1000 x 1000 one.
+    """
     matrix = confusion_matrix(predicted, targets, len(class_names)).double()
+    if only_seen:
+        seen = torch.nonzero(matrix.sum(0) + matrix.sum(1)).flatten()
+        matrix = matrix[seen][:, seen]
+        class_names = [class_names[i] for i in seen.tolist()]
     hits = matrix.diagonal()
     precision = hits / matrix.sum(0).clamp(min=1)
     recall = hits / matrix.sum(1).clamp(min=1)
@@ -58,51 +93,166 @@ def format_report(report: Report) -> str:
               ' ' * width + '  ' + ' '.join(f'{i:>5d}' for i in range(len(report.classes)))]
     lines += [f'{c.name:<{width}}  ' + ' '.join(f'{n:5d}' for n in row)
               for c, row in zip(report.classes, report.confusion)]
+    if report.skipped:
+        lines += ['', f'{len(report.skipped)} unreadable file(s) left out:']
+        lines += _listed([f'  {path}  ({reason})' for path, reason in report.skipped])
+    if report.animated:
+        lines += ['', f'{len(report.animated)} animated image(s) scored on their first frame:']
+        lines += _listed([f'  {path}' for path in report.animated])
     return '\n'.join(lines)
 
 
-def evaluate_folder(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0,
-                    img_size: Optional[int] = None) -> Report:
-    """Evaluate a checkpoint on an ImageFolder tree whose class folders are (some of) its label names."""
+def _listed(lines: List[str], limit: int = 10) -> List[str]:
+    return lines if len(lines) <= limit else lines[:limit] + [f'  ... and {len(lines) - limit} more (--json lists all)']
+
+
+def class_index(model: torch.nn.Module) -> Tuple[Dict[str, int], Dict[str, List[int]]]:
+    """(folder name -> class index, name -> indices for names shared by several classes).
+
+    Names are the checkpoint's label names and, for ImageNet, also its WordNet ids (n01440764): timm's
+    ImageNet descriptions name two classes 'crane' (the bird and the machine), which only the ids tell apart.
+    """
+    names = label_names_of(model)
+    raw = list(model.pretrained_cfg.get('label_names') or [])
+    indices: Dict[str, List[int]] = {}
+    for i, name in enumerate(names):
+        indices.setdefault(name, []).append(i)
+    if len(raw) == len(names):
+        for i, name in enumerate(raw):
+            indices.setdefault(name, [i])
+    index = {name: found[0] for name, found in indices.items() if len(found) == 1}
+    return index, {name: found for name, found in indices.items() if len(found) > 1}
+
+
+def _unnamed_class_index(model: torch.nn.Module, data: str, checkpoint: str) -> Dict[str, int]:
+    """A checkpoint without class names (timm train.py's): folders numbered as timm's ImageFolder numbers them."""
+    folders = sorted(_class_folders(data), key=natural_key)
+    if len(folders) != model.num_classes:
+        raise ResNetV2ZooError(
+            f'{checkpoint} does not name its {model.num_classes} classes, so {data} must hold exactly that many class '
+            f'folders, numbered in sorted order as timm train.py numbered them; found {len(folders)}')
+    _logger.info(f'{checkpoint} does not name its classes: taking the {len(folders)} folders of {data} in sorted '
+                 'order, as timm train.py numbers them')
+    return {name: i for i, name in enumerate(folders)}
+
+
+def evaluate(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0, img_size: Optional[int] = None,
+             device: Optional[str] = None, amp: str = 'auto', optimize: bool = True, progress: bool = False,
+             plot: Optional[str] = None) -> Report:
+    """Evaluate a checkpoint on an ImageFolder tree whose class folders are some or all of its classes.
+
+    Args:
+        checkpoint: a fine-tuning run directory, a model directory, a `.safetensors` file, a timm train.py
+            checkpoint (`.pth.tar`, read with `weights_only=True`), or a timm model name (pretrained).
+        data: folder of class folders named as the checkpoint names its classes (any subset).
+        batch_size, workers: of the DataLoader.
+        img_size: input resolution; default the checkpoint's.
+        device: 'cpu', 'cuda', 'cuda:1', ...; default CUDA when available.
+        amp: 'auto' (bf16 or fp16 on CUDA, float32 on the CPU), 'none', 'bf16' (CUDA or CPU), 'fp16' (CUDA).
+        optimize: run the inference-optimized model (BatchNorms folded, channels_last; see
+            `models.optimize`), the same function up to float32 round-off; False runs the model as loaded.
+        progress: a progress bar on stderr when there is more than one batch.
+        plot: also write the confusion matrix as a PNG to this path (checked before any work).
+
+    Returns:
+        A `Report`: accuracy, per-class precision/recall/F1/support, confusion matrix, skipped files.
+    """
+    check_checkpoint(checkpoint)
+    plot_path = check_plot_path(plot) if plot else None  # before the work, so a bad path costs nothing
+    torch_device = pick_device(device)
+    dtype = resolve_amp(torch_device, amp)
     model = load_classifier(checkpoint)
     names = label_names_of(model)
-    scan = scan_image_folder(data)
-    unknown = sorted(set(scan.classes) - set(names))
-    if unknown:
-        raise ResNetV2ZooError(f'{data} has class folders {unknown} that {checkpoint} does not know; '
-                               f'its classes are {names}')
-    samples = [(path, names.index(scan.classes[t])) for path, t in scan.samples]
-    device = pick_device()
-    loader = torch.utils.data.DataLoader(ImageSamples(samples, build_transforms(model, img_size, augment=False)[1]),
-                                         batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == 'cuda')
-    logits, targets = predict_loader(prepare_for_device(model, device), loader, device)
-    return classification_report(logits.argmax(1), targets, names)
+    if not model.pretrained_cfg.get('label_names') and model.num_classes != 1000:
+        index = _unnamed_class_index(model, data, checkpoint)
+        names = list(index)
+    else:
+        index, ambiguous = class_index(model)
+        shared = {name: found for name, found in ambiguous.items() if os.path.isdir(os.path.join(data, name))}
+        if shared:
+            raise ResNetV2ZooError(f'{data}: class folder name(s) {shared} (name: class indices) name more than one '
+                                   f'class of {checkpoint}; rename each to the class id the checkpoint uses for it')
+    scan = scan_labelled_folder(data, index, owner=checkpoint)
+    transform = build_transforms(model, img_size, augment=False)[1]
+    logits, targets = predict_samples(prepare_for_inference(model, torch_device, optimize), scan.samples, transform,
+                                      torch_device, batch_size=batch_size, workers=workers, progress=progress,
+                                      amp=dtype)
+    report = classification_report(logits.argmax(1), targets, names, only_seen=True)
+    report.skipped, report.animated = scan.skipped, scan.animated
+    if plot_path is not None:
+        from .plots import save_confusion
+
+        save_confusion(torch.tensor(report.confusion), [c.name for c in report.classes], plot_path)
+        report.plot = str(plot_path)
+    return report
+
+
+def evaluate_folder(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0,
+                    img_size: Optional[int] = None, progress: bool = False, **options: Any) -> Report:
+    """`evaluate` under its earlier name."""
+    return evaluate(checkpoint, data, batch_size=batch_size, workers=workers, img_size=img_size, progress=progress,
+                    **options)
+
+
+def check_plot_path(path: str) -> Path:
+    """Where `--plot` may write: a .png in an existing folder, replacing only a PNG file (a previous plot)."""
+    plot = Path(path)
+    if plot.suffix.lower() != '.png':
+        raise ResNetV2ZooError(f'--plot {path}: the confusion matrix is written as PNG; name it *.png')
+    if not plot.parent.is_dir():
+        raise ResNetV2ZooError(f'--plot {path}: folder {plot.parent} does not exist')
+    if plot.is_dir() or (plot.exists() and not _is_png(plot)):
+        raise ResNetV2ZooError(f'--plot {path}: exists and is not a PNG image; refusing to replace it')
+    return plot
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, 'rb') as f:
+            return f.read(8) == b'\x89PNG\r\n\x1a\n'
+    except OSError:
+        return False
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    report = evaluate_folder(args.checkpoint, args.data, args.batch_size, args.workers, args.img_size)
-    if args.plot:
-        from .plots import save_confusion
-
-        save_confusion(torch.tensor(report.confusion), [c.name for c in report.classes], args.plot)
+    report = evaluate(args.checkpoint, args.data, args.batch_size, args.workers, args.img_size, device=args.device,
+                      amp=args.amp, optimize=args.optimize, progress=args.progress, plot=args.plot)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(format_report(report))
-        if args.plot:
-            print(f'\nconfusion matrix plot: {args.plot}')
+        if report.plot is not None:
+            print(f'\nconfusion matrix plot: {report.plot}')
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --amp, --no-optimize, --no-progress: shared by `evaluate` and `predict`."""
+    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda when available)')
+    parser.add_argument('--amp', choices=AMP_CHOICES, default='auto',
+                        help='autocast precision: auto is bf16 (fp16 without bf16) on CUDA and float32 on the CPU; '
+                             'bf16 runs on CUDA and the CPU; fp16 needs CUDA')
+    parser.add_argument('--no-optimize', dest='optimize', action='store_false',
+                        help='run the model as loaded, not the inference-optimized copy (BatchNorms folded into the '
+                             'convolutions, channels_last: same result up to float32 round-off, faster)')
+    parser.add_argument('--no-progress', dest='progress', action='store_false',
+                        help='no progress bar (it is shown on stderr when there is more than one batch)')
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser('evaluate', help='accuracy, per-class precision/recall/F1 and confusion matrix',
-                            description='Evaluate a checkpoint (run directory, model directory, .safetensors file '
-                                        'or timm model name) on an ImageFolder tree.')
+                            formatter_class=DefaultsHelpFormatter,
+                            description='Evaluate a checkpoint (run directory, model directory, .safetensors file, '
+                                        'timm train.py .pth.tar or timm model name) on an ImageFolder tree whose '
+                                        'class folders are some or all of its classes. Writes no file unless --plot '
+                                        'is given.')
     parser.add_argument('checkpoint')
-    parser.add_argument('--data', required=True, help='folder of class folders (names as the checkpoint knows them)')
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
-    parser.add_argument('--img-size', type=int, default=None, help="default: the checkpoint's input size")
-    parser.add_argument('--plot', default='confusion.png', help='confusion matrix PNG path ("" for none)')
+    parser.add_argument('--data', required=True,
+                        help='folder of class folders, named as the checkpoint names its classes (any subset)')
+    parser.add_argument('--batch-size', type=positive_int, default=32, help='images per batch')
+    parser.add_argument('--workers', type=non_negative_int, default=0, help='DataLoader worker processes')
+    parser.add_argument('--img-size', type=image_size, default=None, help="default: the checkpoint's input size")
+    parser.add_argument('--plot', type=optional_path, default=None, metavar='PATH',
+                        help='also write the confusion matrix as a PNG figure to PATH')
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
+    add_inference_options(parser)
     parser.set_defaults(func=run_evaluate)

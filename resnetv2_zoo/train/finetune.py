@@ -1,22 +1,24 @@
 """`resnetv2-zoo finetune`: adapt a (pretrained) ResNetV2 to an image folder, resumably, on CPU, GPU or many GPUs.
 
 The recipe is timm's (create_optimizer_v2 / create_scheduler_v2, ModelEmaV3); `--recipe tutorial` is the
-original tutorial's, kept for side-by-side comparison. Runs launched through `torchrun` train with
-DistributedDataParallel and only rank 0 writes. A run stopped at any point (even by SIGKILL) continues
-with `--resume RUN_DIR` to the same result an uninterrupted run reaches: every shuffle is seeded per
-epoch, and the resume checkpoint holds the position inside the epoch and every RNG state.
+original tutorial's, kept for side-by-side comparison. Runs launched through `torchrun` or SLURM `srun`
+(timm's `init_distributed_device`) train with DistributedDataParallel and only rank 0 writes. A run stopped
+at any point (Ctrl-C, or even SIGKILL) continues with `--resume RUN_DIR` to the same result an
+uninterrupted run reaches (see `resume.py`). The loop is timm train.py's shape: `train_one_epoch`, then
+`validate`, with the run's parts held in a plain `Run` record.
+
+`finetune()` is the Python API (`resnetv2_zoo.finetune`); the command is a thin layer over it.
 """
 import argparse
+import contextlib
 import csv
-import itertools
 import json
+import logging
 import os
-import random
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import timm
@@ -24,19 +26,37 @@ import torch
 import torch.distributed as torch_dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import ModelEmaV3, distribute_bn, init_distributed_device, is_primary, random_seed, reduce_tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..argtypes import MIN_IMAGE_SIZE, image_size, non_negative_int, positive_int
 from ..errors import ResNetV2ZooError, WeightsUnavailableError
 from ..weights.atomic import atomic_file
-from ..weights.checkpoint import load_model, save_model_dir
-from .data import DataSplits, ImageSamples, build_transforms, load_splits
-from .evaluate import classification_report, format_report
-from .runtime import BEST_DIR, amp_dtype, autocast, pick_device, predict_loader, prepare_for_device, to_device
+from ..weights.checkpoint import README_NAME, inspect_checkpoint, load_model, save_model_dir, update_model_card
+from . import resume
+from .data import DataSplits, ImageSamples, build_transforms, data_config_for, load_splits
+from .evaluate import ClassReport, Report, classification_report, format_report
+from .resume import RUN_FILES, Progress, ResumableSampler, plain_args
+from .runtime import (
+    TIMM_CHECKPOINT_SUFFIXES,
+    amp_dtype,
+    autocast,
+    check_model_name,
+    load_timm_checkpoint,
+    pick_device,
+    predict_samples,
+    prepare_for_device,
+    to_device,
+)
 
-__all__ = ['RECIPES', 'RUN_FILES', 'run_finetune', 'add_finetune_arguments', 'register']
+__all__ = ['RECIPES', 'RUN_FILES', 'Run', 'FinetuneResult', 'finetune', 'setup_run', 'train_one_epoch', 'validate',
+           'run_epoch', 'run_finetune', 'finetune_args', 'add_finetune_arguments', 'output_lines', 'register']
+
+_logger = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
 
 # Each recipe setting is also a command-line option that overrides it.
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -46,127 +66,90 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     'tutorial': dict(opt='adam', lr=1e-4, weight_decay=0.0, sched='step', warmup_epochs=0, decay_epochs=4,
                      decay_rate=0.92, batch_size=32, label_smoothing=0.0, augment=False, clip_grad=0.0),
 }
-RUN_FILES = dict(metrics='metrics.csv', samples='samples.png', curves='curves.png', confusion='confusion.png',
-                 predictions='predictions.png', summary='summary.json', best=BEST_DIR, resume='last.pt')
+# Defaults of the other options. The parser leaves every option None unless given, so that `--resume` can
+# tell which flags were typed; `resolve_options` fills these in for a new run.
+DEFAULTS: Dict[str, Any] = dict(recipe='default', val_split=0.2, model='resnet50v2_keras', epochs=10, freeze_epochs=0,
+                                bn_momentum=0.1, ema_decay=0.0, checkpoint_every=0, seed=0, compile=False,
+                                workers=0 if not torch.cuda.is_available() else min(8, os.cpu_count() or 1))
 METRIC_COLUMNS = ('epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'seconds', 'images_per_s')
-RESUME_FORMAT = 1
 GRID_IMAGES = 16
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+def init_distributed(device_name: Optional[str]) -> Tuple[argparse.Namespace, torch.device]:
+    """This process's place in a torchrun / SLURM / MPI launch and its device.
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_name: Optional[str]) -> Tuple[Distributed, torch.device]:
-    """The process group `torchrun` asks for (through its environment variables), and this rank's device."""
-    dist = Distributed(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
-                       int(os.environ.get('LOCAL_RANK', 0)))
+    The namespace holds timm's fields (`rank`, `local_rank`, `world_size`, `distributed`) for `is_primary`.
+    """
     device = pick_device(device_name)
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', dist.local_rank)
-        torch.cuda.set_device(device)
-    if dist.enabled and not torch_dist.is_initialized():
-        torch_dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist, device
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ResNetV2ZooError(f'--device {device_name}: CUDA is not available on this machine')
+    dist = argparse.Namespace(device=str(device))
+    return dist, init_distributed_device(dist)
 
 
-def all_reduce_sum(values: Sequence[float], dist: Distributed, device: torch.device) -> List[float]:
-    if not dist.enabled:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(tensor)
-    return tensor.tolist()
+def is_timm_checkpoint(path: str) -> bool:
+    """A timm train.py checkpoint (`.pth.tar` and kin) rather than one of our safetensors checkpoints."""
+    return os.path.isfile(path) and path.endswith(TIMM_CHECKPOINT_SUFFIXES)
 
 
-def all_gather(obj: Any, dist: Distributed) -> List[Any]:
-    if not dist.enabled:
-        return [obj]
-    gathered = [None] * dist.world_size
-    torch_dist.all_gather_object(gathered, obj)
-    return gathered
+def init_architecture(path: str) -> str:
+    """The architecture an `--init` checkpoint holds (refusing, in one line, a file that is not one)."""
+    if is_timm_checkpoint(path):
+        return load_timm_checkpoint(path).pretrained_cfg['architecture']
+    return inspect_checkpoint(path).architecture
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seeded shuffle per epoch, a shard per rank) that can start part-way into an epoch."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, dist: Distributed, seed: int, epoch: int, start: int = 0):
-        super().__init__(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
-        self.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
+def load_init(path: str, num_classes: int) -> torch.nn.Module:
+    """`--init`: a converted checkpoint (model directory, `.safetensors`) or a timm train.py checkpoint (read with
+    `torch.load(weights_only=True)`), with a new `num_classes` head unless it already has that many classes."""
+    if not is_timm_checkpoint(path):
+        return load_model(path, num_classes=num_classes)
+    model = load_timm_checkpoint(path)
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+    return model
 
 
-def rng_state() -> Dict[str, Any]:
-    """Every RNG training draws from, as tensors and plain types (loadable with weights_only=True)."""
-    np_state = np.random.get_state(legacy=False)
-    return dict(
-        python=random.getstate(),
-        numpy=dict(key=torch.from_numpy(np_state['state']['key'].astype(np.int64)), pos=np_state['state']['pos'],
-                   has_gauss=np_state['has_gauss'], gauss=np_state['gauss']),
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    )
+def _weights_problem(model_name: str, error: Exception) -> WeightsUnavailableError:
+    """Any failure to fetch a timm model's pretrained weights (huggingface_hub's LocalEntryNotFoundError offline,
+    an HTTP error, a missing file) as the one-line error our own models give."""
+    if isinstance(error, WeightsUnavailableError):
+        return error
+    reason = (str(error).strip().splitlines() or [''])[0]
+    reason = reason if len(reason) <= 160 else reason[:157] + '...'
+    return WeightsUnavailableError(f'no pretrained weights for {model_name} could be loaded ({type(error).__name__}'
+                                   f'{": " + reason if reason else ""})')
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state['python'])
-    np_state = state['numpy']
-    np.random.set_state(dict(bit_generator='MT19937', has_gauss=np_state['has_gauss'], gauss=np_state['gauss'],
-                             state=dict(key=np_state['key'].numpy().astype(np.uint32), pos=np_state['pos'])))
-    torch.set_rng_state(state['torch'])
-    if state['cuda']:
-        torch.cuda.set_rng_state_all(state['cuda'])
+def create_classifier(args: argparse.Namespace, num_classes: int, resuming: bool = False
+                      ) -> Tuple[torch.nn.Module, str]:
+    """(model with a `num_classes` head, where its weights came from).
 
-
-def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The run's options without the CLI's callback: what the resume checkpoint and summary.json record."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def notice(message: str, dist: Distributed) -> None:
-    if dist.is_main:
-        print(f'notice: {message}', file=sys.stderr, flush=True)
-
-
-def create_classifier(args: argparse.Namespace, num_classes: int, dist: Distributed,
-                      resuming: bool) -> Tuple[torch.nn.Module, str]:
-    """(model with a `num_classes` head, where its weights came from)."""
+    Without `--pretrained` (None), a model whose weights cannot be had (offline, none published) trains from
+    scratch after a notice; with `--pretrained` that is an error, and with `--no-pretrained` nothing is fetched.
+    """
     if resuming:
         return timm.create_model(args.model, num_classes=num_classes), 'resume checkpoint'  # weights: loaded next
     if args.init:
-        return load_model(args.init, num_classes=num_classes), f'init {args.init}'
+        return load_init(args.init, num_classes), f'init {args.init}'
     if args.pretrained is False:
         return timm.create_model(args.model, num_classes=num_classes), 'scratch'
+    cfg = timm.models.get_pretrained_cfg(args.model) if timm.is_model(args.model) else None
     try:
+        if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
+            # timm would warn and hand back random weights as if they were pretrained
+            raise WeightsUnavailableError(f'timm has no pretrained weights for {args.model}')
         return timm.create_model(args.model, pretrained=True, num_classes=num_classes), 'pretrained'
-    except WeightsUnavailableError as e:
+    except Exception as e:
+        if isinstance(e, ResNetV2ZooError) and not isinstance(e, WeightsUnavailableError):
+            raise  # a refusal of ours (a damaged cache, a bad local-dir), not missing weights
+        problem = _weights_problem(args.model, e)
         if args.pretrained:
-            raise
-        notice(f'{e}\n  -> training {args.model} from scratch (random initialization). Pass --pretrained to make '
-               f'this an error, or --init FILE to start from a converted checkpoint.', dist)
-        return timm.create_model(args.model, num_classes=num_classes), 'scratch'
+            raise problem from e
+    _logger.warning('%s\n  -> training %s from scratch (random initialization). Pass --pretrained to make this '
+                    'an error, or --init FILE to start from a converted checkpoint.', problem, args.model)
+    return timm.create_model(args.model, num_classes=num_classes), 'scratch'
 
 
 def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
@@ -182,161 +165,138 @@ def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
         param.requires_grad = True
 
 
+def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    """timm's scheduler for `args.epochs` epochs (cosine steps per update, others per epoch)."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01,
+        min_lr=args.lr * 0.01, step_on_epochs=args.sched != 'cosine', updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
 @dataclass
-class Progress:
-    """Where the run is; saved in the resume checkpoint."""
-    epoch: int = 0  # the epoch in progress (0-based)
-    step: int = 0  # batches of that epoch already trained
-    num_updates: int = 0
-    loss_sum: float = 0.0  # this process's running train totals for the epoch in progress
-    correct: float = 0.0
-    seen: float = 0.0
-    seconds: float = 0.0  # train time spent on the epoch in progress
-    best_acc: float = -1.0
-    best_epoch: int = 0
-    history: List[Dict[str, float]] = field(default_factory=list)
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.step = epoch, 0
-        self.loss_sum = self.correct = self.seen = self.seconds = 0.0
-
-
 class Run:
-    """One fine-tuning run: data, model, optimizer and schedule, and the files in its directory."""
+    """The parts one fine-tuning run trains with and the folder it writes; the functions below do the work."""
+    args: argparse.Namespace
+    dist: argparse.Namespace  # rank, world_size, distributed (see init_distributed)
+    device: torch.device
+    run_dir: Path
+    splits: DataSplits
+    source: str  # where the starting weights came from
+    model: torch.nn.Module
+    ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    train_set: ImageSamples
+    eval_transform: Any
+    steps_per_epoch: int
+    progress: Progress = field(default_factory=Progress)
+    train_module: Optional[torch.nn.Module] = None  # what the loop calls (DDP / compiled); rebuilt on (un)freezing
+    frozen: Optional[bool] = None
 
-    def __init__(self, args: argparse.Namespace, dist: Distributed, device: torch.device,
-                 resume_state: Optional[Dict[str, Any]] = None):
-        self.args, self.dist, self.device = args, dist, device
-        self.run_dir = Path(args.out)
-        seed_everything(args.seed + dist.rank)
-        self.splits: DataSplits = load_splits(args.data, args.val_data, args.val_split, args.seed)
-        self.classes = self.splits.classes
-        if resume_state is not None and resume_state['classes'] != self.classes:
-            raise ResNetV2ZooError(f'{args.data} now has classes {self.classes}, the run was started with '
-                                   f'{resume_state["classes"]}')
-        self.model, self.source = create_classifier(args, len(self.classes), dist, resume_state is not None)
-        set_bn_momentum(self.model, args.bn_momentum)
-        img_size = args.img_size or self.model.pretrained_cfg['input_size'][-1]
-        # Saved checkpoints carry the resolution they were trained at, so evaluate/predict default to it.
-        self.model.pretrained_cfg = dict(self.model.pretrained_cfg, input_size=(3, img_size, img_size),
-                                         test_input_size=(3, img_size, img_size))
-        self.model = prepare_for_device(self.model, device)
-        self.train_transform, self.eval_transform = build_transforms(self.model, img_size, args.augment)
-        self.train_set = ImageSamples(self.splits.train, self.train_transform)
-        # Validation shards without padding, so reduced metrics count every image exactly once.
-        self.val_set = ImageSamples(self.splits.val[dist.rank::dist.world_size], self.eval_transform)
-        self.steps_per_epoch = len(self.splits.train) // dist.world_size // args.batch_size
-        if self.steps_per_epoch == 0:
-            raise ResNetV2ZooError(f'{len(self.splits.train)} training images over {dist.world_size} process(es) do '
-                                   f'not fill one batch of {args.batch_size}; lower --batch-size')
-        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01,
-            min_lr=args.lr * 0.01, step_on_epochs=args.sched != 'cosine', updates_per_epoch=self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-        self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        self.progress = Progress()
-        self.train_model: Optional[torch.nn.Module] = None
-        self.frozen: Optional[bool] = None
-        if resume_state is not None:
-            self.load_state(resume_state)
+    @property
+    def classes(self) -> List[str]:
+        return self.splits.classes
 
-    # --- checkpoints -------------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
         return self.run_dir / RUN_FILES[name]
 
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def save_resume(self) -> None:
-        """Write the resume checkpoint (rank 0), atomically; a collective call, since it gathers RNG states."""
-        rng_states = all_gather(rng_state(), self.dist)
-        if not self.dist.is_main:
-            return
-        state = dict(
-            format=RESUME_FORMAT, args=plain_args(self.args), classes=self.classes, source=self.source,
-            progress=asdict(self.progress),
-            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
-            ema=self.ema.state_dict() if self.ema is not None else None, rng=rng_states)
-        with atomic_file(self.path('resume')) as tmp:
-            try:
-                torch.save(state, tmp)
-            except RuntimeError as e:  # how torch reports a failed write (disk full): not an OSError
-                raise OSError(str(e)) from e
 
-    def load_state(self, state: Dict[str, Any]) -> None:
-        self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        self.scaler.load_state_dict(state['scaler'])
-        if self.ema is not None:
-            self.ema.load_state_dict(state['ema'])
-        self.progress = Progress(**state['progress'])
-        self.source = state['source']
-        if len(state['rng']) == self.dist.world_size:
-            set_rng_state(state['rng'][self.dist.rank])
-        else:
-            notice(f'resuming on {self.dist.world_size} processes a run saved from {len(state["rng"])}: '
-                   f'the data order is kept, augmentation randomness is reseeded', self.dist)
+def setup_run(args: argparse.Namespace, dist: argparse.Namespace, device: torch.device, run_dir: Path,
+              resume_state: Optional[Dict[str, Any]] = None) -> Run:
+    """Data, model, optimizer and schedule for `args`; continued from `resume_state` when given. Writes nothing."""
+    random_seed(args.seed, dist.rank)
+    splits = load_splits(args.data, args.val_data, args.val_split, args.seed)
+    if resume_state is not None and resume_state['classes'] != splits.classes:
+        raise ResNetV2ZooError(f'{args.data} now has classes {splits.classes}, the run was started with '
+                               f'{resume_state["classes"]}')
+    model, source = create_classifier(args, len(splits.classes), resuming=resume_state is not None)
+    set_bn_momentum(model, args.bn_momentum)
+    args.img_size = args.img_size or model.pretrained_cfg['input_size'][-1]
+    # Saved checkpoints carry the resolution they were trained at, so evaluate/predict default to it.
+    size = (3, args.img_size, args.img_size)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=size, test_input_size=size)
+    model = prepare_for_device(model, device)
+    train_transform, eval_transform = build_transforms(model, args.img_size, args.augment)
+    steps_per_epoch = len(splits.train) // dist.world_size // args.batch_size
+    if steps_per_epoch == 0:
+        raise ResNetV2ZooError(f'{len(splits.train)} training images over {dist.world_size} process(es) do not fill '
+                               f'one batch of {args.batch_size}; lower --batch-size')
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    run = Run(args, dist, device, Path(run_dir), splits, source, model,
+              ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None,
+              optimizer, create_scheduler(args, optimizer, steps_per_epoch),
+              torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16),
+              torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+              ImageSamples(splits.train, train_transform), eval_transform, steps_per_epoch)
+    if resume_state is not None:
+        resume.restore_checkpoint(run, resume_state)
+    return run
 
-    def save_best(self, val_acc: float) -> None:
-        if self.dist.is_main:
-            save_model_dir(self.eval_model(), self.path('best'), label_names=self.classes,
-                           metadata=dict(val_acc=f'{val_acc:.6f}', epoch=str(self.progress.epoch + 1)))
 
-    def write_metrics(self) -> None:
-        with atomic_file(self.path('metrics')) as tmp, open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.progress.history)
-
-    # --- training ----------------------------------------------------------------------------------------
-    def wrap_for_training(self, frozen: bool) -> None:
-        """(Re)build the module the train loop calls; DDP must be rebuilt when the trainable set changes."""
-        if frozen == self.frozen:
-            return
-        set_backbone_frozen(self.model, frozen)
-        module = self.model
-        if self.dist.enabled:
-            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == 'cuda'
+def train_module_for(run: Run, frozen: bool) -> torch.nn.Module:
+    """The module the train loop calls; DDP must be rebuilt when the trainable set changes."""
+    if frozen != run.frozen:
+        set_backbone_frozen(run.model, frozen)
+        module = run.model
+        if run.dist.distributed:
+            module = DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == 'cuda'
                                              else None)
-        self.train_model = torch.compile(module) if self.args.compile else module
-        self.frozen = frozen
+        run.train_module = torch.compile(module) if run.args.compile else module
+        run.frozen = frozen
+    return run.train_module
 
-    def train_loader(self, epoch: int, start_step: int) -> DataLoader:
-        sampler = ResumableSampler(self.train_set, self.dist, self.args.seed, epoch, start_step * self.args.batch_size)
-        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.args.workers, pin_memory=self.device.type == 'cuda',
-                          # its own generator: creating the iterator must not draw from the global RNG
-                          generator=torch.Generator().manual_seed(self.args.seed * 1000 + epoch))
 
-    def train_epoch(self) -> None:
-        args, progress = self.args, self.progress
-        self.wrap_for_training(frozen=progress.epoch < args.freeze_epochs)
-        self.train_model.train()
-        loader = self.train_loader(progress.epoch, progress.step)
-        bar = tqdm(loader, total=self.steps_per_epoch, initial=progress.step, leave=False, dynamic_ncols=True,
-                   desc=f'epoch {progress.epoch + 1}/{args.epochs}', disable=not self.dist.is_main)
-        start = time.perf_counter() - progress.seconds
+def train_loader(train_set: ImageSamples, args: argparse.Namespace, dist: argparse.Namespace, device: torch.device,
+                 epoch: int, start_step: int) -> DataLoader:
+    """Epoch `epoch`'s seeded shuffle of this rank's shard, from batch `start_step` on."""
+    sampler = ResumableSampler(train_set, dist.world_size, dist.rank, args.seed, epoch, start_step * args.batch_size)
+    return DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=args.workers, pin_memory=device.type == 'cuda',
+                      # its own generator: creating the iterator must not draw from the global RNG
+                      generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+
+def _logging_beside(bar: tqdm) -> contextlib.AbstractContextManager:
+    """Route the package's console log lines through tqdm while its bar is drawn, so they don't cut through it."""
+    package_logger = logging.getLogger(__name__.split('.')[0])
+    if bar.disable or not package_logger.handlers:
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm([package_logger])
+
+
+def train_one_epoch(model: torch.nn.Module, train_module: torch.nn.Module, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                    criterion: torch.nn.Module, ema: Optional[ModelEmaV3], progress: Progress,
+                    args: argparse.Namespace, device: torch.device, steps_per_epoch: int, world_size: int,
+                    save_checkpoint: Callable[[], None], primary: bool = True) -> None:
+    """Train the batches `loader` has left of epoch `progress.epoch`, keeping this rank's totals in `progress`."""
+    train_module.train()
+    bar = tqdm(loader, total=steps_per_epoch, initial=progress.step, leave=False, dynamic_ncols=True,
+               desc=f'epoch {progress.epoch + 1}/{args.epochs}', disable=not primary)
+    start = time.perf_counter() - progress.seconds
+    with _logging_beside(bar):
         for images, targets in bar:
-            images, targets = to_device(images, self.device), targets.to(self.device, non_blocking=True)
-            with autocast(self.device):
-                logits = self.train_model(images)
-                loss = self.criterion(logits.float(), targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+            with autocast(device):
+                logits = train_module(images)
+                loss = criterion(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
             if args.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
             progress.num_updates += 1
-            self.scheduler.step_update(progress.num_updates)
-            if self.ema is not None:
-                self.ema.update(self.model, step=progress.num_updates)
+            scheduler.step_update(progress.num_updates)
+            if ema is not None:
+                ema.update(model, step=progress.num_updates)
             progress.step += 1
             progress.loss_sum += loss.item() * len(targets)
             progress.correct += (logits.argmax(1) == targets).sum().item()
@@ -344,207 +304,435 @@ class Run:
             progress.seconds = time.perf_counter() - start
             bar.set_postfix(loss=f'{progress.loss_sum / progress.seen:.3f}',
                             acc=f'{100 * progress.correct / progress.seen:.1f}%',
-                            img_s=f'{progress.seen * self.dist.world_size / progress.seconds:.1f}')
-            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 \
-                    and progress.step < self.steps_per_epoch:
-                self.save_resume()
-                if self.dist.is_main:
-                    bar.write(f'saved resume checkpoint at epoch {progress.epoch + 1}, '
-                              f'step {progress.step}/{self.steps_per_epoch}')
-        bar.close()
-
-    @torch.inference_mode()
-    def validate(self) -> Tuple[float, float]:
-        """(loss, accuracy) of the evaluated model on the whole validation set, reduced over ranks."""
-        loader = DataLoader(self.val_set, batch_size=self.args.batch_size, num_workers=self.args.workers,
-                            pin_memory=self.device.type == 'cuda', generator=torch.Generator())
-        logits, targets = predict_loader(self.eval_model(), loader, self.device)
-        loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction='sum').item()
-        correct = (logits.argmax(1) == targets).sum().item()
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, len(targets)], self.dist, self.device)
-        return loss_sum / count, correct / count
-
-    def finish_epoch(self) -> None:
-        progress, args = self.progress, self.args
-        lr = self.optimizer.param_groups[0]['lr']
-        if self.dist.enabled:  # each rank updated its BatchNorm statistics on its own shard: average them
-            distribute_bn(self.model, self.dist.world_size, reduce=True)
-            if self.ema is not None:
-                distribute_bn(self.ema.module, self.dist.world_size, reduce=True)
-        loss_sum, correct, seen = all_reduce_sum([progress.loss_sum, progress.correct, progress.seen],
-                                                 self.dist, self.device)
-        val_loss, val_acc = self.validate()
-        row = dict(epoch=progress.epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=correct / seen,
-                   val_loss=val_loss, val_acc=val_acc, seconds=progress.seconds,
-                   images_per_s=seen / max(progress.seconds, 1e-9))
-        progress.history.append(row)
-        improved = val_acc > progress.best_acc
-        if improved:
-            progress.best_acc, progress.best_epoch = val_acc, progress.epoch + 1
-            self.save_best(val_acc)
-        if self.dist.is_main:
-            self.write_metrics()
-            print(f'epoch {row["epoch"]:>3d}/{args.epochs}  lr {lr:.2e}  train loss {row["train_loss"]:.4f} '
-                  f'acc {100 * row["train_acc"]:5.1f}%  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}%'
-                  f'{"  *best*" if improved else ""}  {row["seconds"]:.1f}s  {row["images_per_s"]:.1f} img/s',
-                  flush=True)
-        self.scheduler.step(progress.epoch + 1)
-        progress.start_epoch(progress.epoch + 1)
-        self.save_resume()
-
-    def train(self) -> None:
-        while self.progress.epoch < self.args.epochs:
-            self.train_epoch()
-            self.finish_epoch()
-
-    # --- outputs -----------------------------------------------------------------------------------------
-    def write_report(self, wall_seconds: float) -> Dict[str, Any]:
-        """Figures and summary.json for the best checkpoint, reloaded from disk (which checks it loads)."""
-        from .plots import save_confusion, save_curves, save_predictions_grid
-
-        best = prepare_for_device(load_model(self.path('best')), self.device)
-        val_samples = self.splits.val
-        loader = DataLoader(ImageSamples(val_samples, self.eval_transform), batch_size=self.args.batch_size,
-                            num_workers=self.args.workers)
-        logits, targets = predict_loader(best, loader, self.device)
-        predicted = logits.argmax(1)
-        report = classification_report(predicted, targets, self.classes)
-        save_curves(self.progress.history, self.path('curves'))
-        save_confusion(torch.tensor(report.confusion), self.classes, self.path('confusion'))
-        shown = np.linspace(0, len(val_samples) - 1, min(GRID_IMAGES, len(val_samples))).round().astype(int)
-        save_predictions_grid([val_samples[i][0] for i in shown], predicted[shown].tolist(), targets[shown].tolist(),
-                              self.classes, self.path('predictions'))
-        summary = dict(
-            model=self.args.model, weights=self.source, classes=self.classes, device=str(self.device),
-            world_size=self.dist.world_size, train_images=len(self.splits.train), val_images=len(val_samples),
-            skipped_images=len(self.splits.skipped),
-            skipped=[dict(path=p, reason=r) for p, r in self.splits.skipped],
-            epochs=self.args.epochs, best_epoch=self.progress.best_epoch, best_val_acc=self.progress.best_acc,
-            final_val_acc=self.progress.history[-1]['val_acc'], best_report=report.to_dict(),
-            wall_seconds=wall_seconds, args=plain_args(self.args),
-            outputs={name: str(self.path(name)) for name in RUN_FILES})
-        with atomic_file(self.path('summary')) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
-        print('\n' + format_report(report), flush=True)
-        return summary
+                            img_s=f'{progress.seen * world_size / progress.seconds:.1f}')
+            if args.checkpoint_every and progress.step % args.checkpoint_every == 0 and progress.step < steps_per_epoch:
+                save_checkpoint()
+                if primary:
+                    _logger.info('saved resume checkpoint at epoch %d, step %d/%d', progress.epoch + 1, progress.step,
+                                 steps_per_epoch)
+    bar.close()
 
 
-def prepare_run_dir(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if (out / RUN_FILES['resume']).exists():
-        raise ResNetV2ZooError(f'{out} already holds a run; continue it with --resume {out} or choose another --out')
-    out.mkdir(parents=True, exist_ok=True)
+def reduce_sums(values: Sequence[float], dist: argparse.Namespace, device: torch.device) -> List[float]:
+    """Each value summed over all ranks."""
+    if not dist.distributed:
+        return list(values)
+    return reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), 1).tolist()  # n=1: sums
 
 
-def read_resume_state(run_dir: Path) -> Dict[str, Any]:
-    path = run_dir / RUN_FILES['resume']
-    if not path.is_file():
-        raise ResNetV2ZooError(f'nothing to resume: {path} does not exist')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a foreign or damaged file: torch raises pickle/zip errors of many kinds
-        raise ResNetV2ZooError(f'{path} is not a resume checkpoint ({type(e).__name__}: {e})') from e
-    if not isinstance(state, dict) or state.get('format') != RESUME_FORMAT:
-        found = state.get('format') if isinstance(state, dict) else type(state).__name__
-        raise ResNetV2ZooError(f'{path} has resume format {found}, expected {RESUME_FORMAT}')
-    return state
+def validate(model: torch.nn.Module, samples: Sequence[Tuple[str, int]], transform: Any, device: torch.device,
+             args: argparse.Namespace, dist: argparse.Namespace) -> Tuple[float, float]:
+    """(loss, accuracy) of `model` on the validation set; each rank predicts its shard of `samples`, unpadded,
+    so the reduced totals count every image exactly once."""
+    logits, targets = predict_samples(model, samples[dist.rank::dist.world_size], transform, device,
+                                      batch_size=args.batch_size, workers=args.workers)
+    loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction='sum').item()
+    correct = (logits.argmax(1) == targets).sum().item()
+    loss_sum, correct, count = reduce_sums([loss_sum, correct, len(targets)], dist, device)
+    return loss_sum / count, correct / count
+
+
+def run_epoch(run: Run) -> None:
+    """Train what is left of the current epoch, then validate and record it, and save the resume checkpoint."""
+    progress, args = run.progress, run.args
+    loader = train_loader(run.train_set, args, run.dist, run.device, progress.epoch, progress.step)
+    train_one_epoch(run.model, train_module_for(run, frozen=progress.epoch < args.freeze_epochs), loader,
+                    run.optimizer, run.scheduler, run.scaler, run.criterion, run.ema, progress, args, run.device,
+                    run.steps_per_epoch, run.dist.world_size, lambda: resume.save_checkpoint(run), is_primary(run.dist))
+    lr = run.optimizer.param_groups[0]['lr']
+    if run.dist.distributed:  # each rank updated its BatchNorm statistics on its own shard: average them
+        distribute_bn(run.model, run.dist.world_size, reduce=True)
+        if run.ema is not None:
+            distribute_bn(run.ema.module, run.dist.world_size, reduce=True)
+    loss_sum, correct, seen = reduce_sums([progress.loss_sum, progress.correct, progress.seen], run.dist, run.device)
+    val_loss, val_acc = validate(run.eval_model(), run.splits.val, run.eval_transform, run.device, args, run.dist)
+    row = dict(epoch=progress.epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=correct / seen,
+               val_loss=val_loss, val_acc=val_acc, seconds=progress.seconds,
+               images_per_s=seen / max(progress.seconds, 1e-9))
+    progress.history.append(row)
+    improved = val_acc > progress.best_acc
+    if improved:
+        progress.best_acc, progress.best_epoch = val_acc, progress.epoch + 1
+        if is_primary(run.dist):
+            save_model_dir(run.eval_model(), run.path('best'), label_names=run.classes,
+                           metadata=dict(val_acc=f'{val_acc:.6f}', epoch=str(progress.epoch + 1), **card_facts(run)))
+    if is_primary(run.dist):
+        write_metrics(progress.history, run.path('metrics'))
+        print(f'epoch {row["epoch"]:>3d}/{args.epochs}  lr {lr:.2e}  train loss {row["train_loss"]:.4f} '
+              f'acc {100 * row["train_acc"]:5.1f}%  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}%'
+              f'{"  *best*" if improved else ""}  {row["seconds"]:.1f}s  {row["images_per_s"]:.1f} img/s', flush=True)
+    run.scheduler.step(progress.epoch + 1)
+    progress.start_epoch(progress.epoch + 1)
+    resume.save_checkpoint(run)
+
+
+def card_facts(run: Run) -> Dict[str, str]:
+    """What the best model's card (and weights metadata) say about the run: names, not local paths."""
+    source = f'init {Path(run.args.init).name}' if run.args.init else run.source
+    return dict(epochs=str(run.args.epochs), finetune_data=Path(run.args.data).name, finetune_weights=source,
+                train_images=str(len(run.splits.train)), val_images=str(len(run.splits.val)),
+                img_size=str(run.args.img_size))
+
+
+def write_metrics(history: List[Dict[str, float]], path: Path) -> None:
+    with atomic_file(path) as tmp, open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def write_report(run: Run, wall_seconds: float) -> Dict[str, Any]:
+    """Figures and summary.json for the best checkpoint, reloaded from disk (which checks it loads)."""
+    from .plots import save_confusion, save_curves, save_predictions_grid
+
+    best = prepare_for_device(load_model(run.path('best')), run.device)
+    val_samples = run.splits.val
+    logits, targets = predict_samples(best, val_samples, run.eval_transform, run.device,
+                                      batch_size=run.args.batch_size, workers=run.args.workers)
+    predicted = logits.argmax(1)
+    report = classification_report(predicted, targets, run.classes)
+    save_curves(run.progress.history, run.path('curves'))
+    save_confusion(torch.tensor(report.confusion), run.classes, run.path('confusion'))
+    shown = np.linspace(0, len(val_samples) - 1, min(GRID_IMAGES, len(val_samples))).round().astype(int)
+    save_predictions_grid([val_samples[i][0] for i in shown], predicted[shown].tolist(), targets[shown].tolist(),
+                          run.classes, run.path('predictions'))
+    test_report = None
+    if run.splits.test:  # the dataset root's test/: scored once, with the best checkpoint
+        test_logits, test_targets = predict_samples(best, run.splits.test, run.eval_transform, run.device,
+                                                    batch_size=run.args.batch_size, workers=run.args.workers)
+        test_report = classification_report(test_logits.argmax(1), test_targets, run.classes)
+    card_update = dict(epochs=str(run.args.epochs))
+    if test_report is not None:
+        card_update.update(test_acc=f'{test_report.accuracy:.6f}', test_images=str(test_report.num_images))
+    update_model_card(run.path('best'), card_update)
+    layout = run.splits.layout
+    summary = dict(
+        model=run.args.model, weights=run.source, classes=run.classes, device=str(run.device),
+        world_size=run.dist.world_size, data_layout=layout.description if layout else None,
+        train_images=len(run.splits.train), val_images=len(val_samples), test_images=len(run.splits.test),
+        skipped_images=len(run.splits.skipped), skipped=[dict(path=p, reason=r) for p, r in run.splits.skipped],
+        epochs=run.args.epochs, best_epoch=run.progress.best_epoch, best_val_acc=run.progress.best_acc,
+        final_val_acc=run.progress.history[-1]['val_acc'], best_report=report.to_dict(),
+        test_report=test_report.to_dict() if test_report is not None else None,
+        wall_seconds=wall_seconds, args=plain_args(run.args),
+        outputs={name: str(run.path(name)) for name in RUN_FILES})
+    with atomic_file(run.path('summary')) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    print('\n== validation (best epoch)\n' + format_report(report), flush=True)
+    if test_report is not None:
+        print(f'\n== test ({layout.test}, best epoch)\n' + format_report(test_report), flush=True)
+    return summary
+
+
+def on_rank_zero(dist: argparse.Namespace, action: Callable[[], None]) -> None:
+    """Do `action` (a check or a write of the run folder) on rank 0 only; every rank raises its refusal."""
+    error, message = None, None
+    if is_primary(dist):
+        try:
+            action()
+        except Exception as e:
+            error, message = e, str(e) if isinstance(e, ResNetV2ZooError) else f'rank 0 failed: {e!r}'
+    if dist.distributed:
+        box = [message]
+        torch_dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ResNetV2ZooError(message)
 
 
 def run_finetune(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """Train as `args` says; returns the summary on rank 0 (None on other ranks)."""
-    start = time.perf_counter()
-    resume_state = None
-    if args.resume:
-        resume_state = read_resume_state(Path(args.resume))
-        args = argparse.Namespace(**dict(resume_state['args'], out=args.resume))
-    dist, device = init_distributed(args.device)
-    if dist.is_main and resume_state is None:
-        prepare_run_dir(args)
-    torch.backends.cudnn.benchmark = device.type == 'cuda'
-    run = Run(args, dist, device, resume_state)
-    if dist.is_main:
-        splits = run.splits
-        print(f'{len(splits.train)} training and {len(splits.val)} validation images in {len(run.classes)} classes '
-              f'({", ".join(run.classes)}); {len(splits.skipped)} unreadable file(s) skipped. Model {args.model} '
-              f'({run.source}) on {device}' + (f' x {dist.world_size} processes' if dist.enabled else '') + '.',
-              flush=True)
-        if resume_state is None:
-            from .plots import save_samples_grid
+    """Train as `args` says, or continue the run `args.resume`; returns the summary on rank 0 (None elsewhere).
 
-            save_samples_grid(splits.train[:: max(1, len(splits.train) // GRID_IMAGES)][:GRID_IMAGES], run.classes,
-                              run.path('samples'))
+    A new run's folder is checked first and created only once data and model are ready, so a refused run
+    leaves nothing behind; the run then holds the folder (one writer) until it ends.
+    """
+    start = time.perf_counter()
+    dist, device = init_distributed(args.device)
+    with contextlib.ExitStack() as stack:
+        if args.resume:
+            run_dir = Path(args.resume)
+            resume.resume_checkpoint(run_dir)  # refuses a folder without one before anything is written
+            on_rank_zero(dist, lambda: stack.enter_context(resume.hold_run_folder(run_dir, fresh=False)))
+            state = resume.read_resume_state(run_dir)
+            args = argparse.Namespace(**dict(resume.resumed_options(state['args'], args, run_dir), out=str(run_dir)))
         else:
-            print(f'resuming at epoch {run.progress.epoch + 1}, step {run.progress.step}', flush=True)
-    run.train()
-    summary = run.write_report(time.perf_counter() - start) if dist.is_main else None
-    if dist.enabled:
+            run_dir, state = Path(args.out), None
+            on_rank_zero(dist, lambda: resume.check_out(run_dir, (args.data, args.val_data)))
+        torch.backends.cudnn.benchmark = device.type == 'cuda'
+        run = setup_run(args, dist, device, run_dir, state)
+        if state is None:
+            on_rank_zero(dist, lambda: stack.enter_context(resume.hold_run_folder(run_dir, fresh=True)))
+            resume.save_checkpoint(run)  # resumable from the first step on
+        announce(run, resumed=state is not None)
+        while run.progress.epoch < args.epochs:
+            run_epoch(run)
+        summary = write_report(run, time.perf_counter() - start) if is_primary(dist) else None
+    if dist.distributed:
         torch_dist.barrier()
         torch_dist.destroy_process_group()
     return summary
+
+
+def announce(run: Run, resumed: bool) -> None:
+    if not is_primary(run.dist):
+        return
+    splits = run.splits
+    if splits.layout is not None:
+        _logger.info('data: %s', splits.layout.description)
+    _logger.info('%d training and %d validation images%s in %d classes (%s); %d unreadable file(s) skipped. Model %s '
+                 '(%s) on %s%s.', len(splits.train), len(splits.val),
+                 f' (and {len(splits.test)} test images)' if splits.test else '', len(run.classes),
+                 ', '.join(run.classes), len(splits.skipped), run.args.model, run.source, run.device,
+                 f' x {run.dist.world_size} processes' if run.dist.distributed else '')
+    if resumed:
+        _logger.info('resuming at epoch %d, step %d', run.progress.epoch + 1, run.progress.step)
+    else:
+        save_samples(run)
+
+
+def save_samples(run: Run) -> None:
+    """samples.png: training photos beside the augmented, resized inputs the model trains on.
+
+    The augmentation draws from a seeded RNG and every RNG state is put back afterwards, so the figure is
+    the same for the same seed and the training run is exactly what it would be without it.
+    """
+    from .plots import save_training_inputs_grid
+
+    by_class: Dict[int, List[Tuple[str, int]]] = {}
+    for sample in run.splits.train:
+        by_class.setdefault(sample[1], []).append(sample)
+    # every class in turn (as many as fit), each spread over its images
+    cells = GRID_IMAGES // 2
+    per_class = -(-cells // len(by_class))
+    picks = [members[k * len(members) // per_class] for k in range(per_class) for members in by_class.values()]
+    shown = sorted(list(dict.fromkeys(picks))[:cells], key=lambda sample: sample[1])
+    config = data_config_for(run.model, run.args.img_size)
+    state = resume.rng_state()
+    try:
+        random_seed(run.args.seed)
+        save_training_inputs_grid(shown, run.train_set.transform, run.classes, config['mean'], config['std'],
+                                  run.path('samples'), augmented=bool(run.args.augment))
+    finally:
+        resume.set_rng_state(state)
+
+
+# --- command line ----------------------------------------------------------------------------------------
+def _float_in(low: float, high: float = float('inf'), low_open: bool = False, high_open: bool = False
+              ) -> Callable[[str], float]:
+    """An argparse type: a float in [low, high] (an open end excludes its bound)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        if not (value > low if low_open else value >= low) or not (value < high if high_open else value <= high):
+            raise argparse.ArgumentTypeError(f'expected a number in {"(" if low_open else "["}{low}, {high}'
+                                             f'{")" if high_open else "]"}, got {value}')
+        return value
+    return parse
+
+
+positive_float = _float_in(0, low_open=True)
+non_negative_float = _float_in(0)
+fraction = _float_in(0, 1, low_open=True, high_open=True)
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group('data')
+    data.add_argument('--data', help='training images: a folder of class folders, or a dataset root of train/ '
+                                     '[val/ (or valid/, validation/)] [test/] folders of them; val/ then validates '
+                                     'and test/ gets the final report')
+    data.add_argument('--val-data', help="validation images (same class folders); default: the root's val/, else "
+                                         'split off the training images')
+    data.add_argument('--val-split', type=fraction, help='stratified validation fraction of --data (default 0.2)')
+    data.add_argument('--img-size', type=image_size, help="training resolution (default: the model's)")
+    data.add_argument('--workers', type=non_negative_int,
+                      help=f'DataLoader worker processes per rank (default {DEFAULTS["workers"]})')
+    model = parser.add_argument_group('model')
+    model.add_argument('--model', help=f'timm model name (default {DEFAULTS["model"]}; with --init, its architecture)')
+    model.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
+                       help='start from ImageNet weights; default: if available, else from scratch with a notice')
+    model.add_argument('--init', help='start from this checkpoint: a model directory, .safetensors file or timm '
+                                      'train.py .pth.tar (read with weights_only=True)')
+    recipe = parser.add_argument_group('recipe (each option overrides the --recipe setting)')
+    recipe.add_argument('--recipe', choices=sorted(RECIPES), help='(default: default)')
+    recipe.add_argument('--epochs', type=positive_int,
+                        help=f'(default {DEFAULTS["epochs"]}); with --resume, a larger value extends the run')
+    recipe.add_argument('--batch-size', type=positive_int)
+    recipe.add_argument('--opt', help='timm optimizer name (adamw, adam, sgd, lamb, ...)')
+    recipe.add_argument('--lr', type=positive_float)
+    recipe.add_argument('--weight-decay', type=non_negative_float)
+    recipe.add_argument('--sched', help='timm scheduler name (cosine, step, ...)')
+    recipe.add_argument('--warmup-epochs', type=non_negative_int)
+    recipe.add_argument('--decay-epochs', type=positive_float, help='step scheduler: epochs between decays')
+    recipe.add_argument('--decay-rate', type=positive_float, help='step scheduler: lr factor per decay')
+    recipe.add_argument('--label-smoothing', type=_float_in(0, 1, high_open=True))
+    recipe.add_argument('--augment', action=argparse.BooleanOptionalAction, default=None,
+                        help='random resized crops, flips and colour jitter on training images')
+    recipe.add_argument('--clip-grad', type=non_negative_float, help='gradient norm limit (0: none)')
+    recipe.add_argument('--freeze-epochs', type=non_negative_int,
+                        help=f'epochs training only the new head first (default {DEFAULTS["freeze_epochs"]})')
+    recipe.add_argument('--bn-momentum', type=_float_in(0, 1),
+                        help="BatchNorm running-statistics momentum (PyTorch convention, default 0.1); Keras's 0.01 "
+                             'suits long ImageNet training but lags far behind the weights over a short fine-tune')
+    recipe.add_argument('--ema-decay', type=_float_in(0, 1, high_open=True),
+                        help='keep and evaluate an EMA of the weights (default 0: none)')
+    run = parser.add_argument_group('run')
+    run.add_argument('--out', help='run folder for checkpoints, metrics and figures: new, empty, or a run folder '
+                                   'without a resume checkpoint')
+    run.add_argument('--resume', metavar='RUN_DIR', help='continue the run in RUN_DIR where it stopped')
+    run.add_argument('--checkpoint-every', type=non_negative_int,
+                     help='also save the resume checkpoint every N steps (default: at the end of each epoch)')
+    run.add_argument('--seed', type=non_negative_int, help='(default 0)')
+    run.add_argument('--device', help='default: cuda when available, else cpu')
+    run.add_argument('--compile', action='store_true', default=None, help='torch.compile the model')
+    # The recipe options stay None (so that --resume knows what was typed); --help still shows each default.
+    for action in recipe._group_actions:
+        if action.dest in RECIPES['default'] and 'default' not in (action.help or ''):
+            values = '; '.join(f'{name} recipe: {settings[action.dest]}' for name, settings in RECIPES.items())
+            action.help = f'{action.help} ({values})' if action.help else f'({values})'
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in a new run's unset options from DEFAULTS and the chosen recipe (a resume keeps only what was typed)."""
+    if args.resume:
+        return args
+    if args.model is not None:
+        check_model_name(args.model)  # one line with the closest names, before anything is created
+    if args.init:
+        architecture = init_architecture(args.init)  # also refuses a missing or damaged file, before any work
+        if args.model is not None and args.model != architecture:
+            raise ResNetV2ZooError(f'--init {args.init} holds a {architecture}, not the --model {args.model}; drop '
+                                   f'--model or pass --model {architecture}')
+        args.model = architecture
+    for name, value in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ('data', 'val_data', 'init'):  # absolute, so that a resume from another directory finds them
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    cfg = timm.models.get_pretrained_cfg(args.model)
+    minimum = max(MIN_IMAGE_SIZE, cfg.min_input_size[-1] if cfg is not None and cfg.min_input_size else 0)
+    if args.img_size is not None and args.img_size < minimum:
+        raise ResNetV2ZooError(f'--img-size {args.img_size} is below the minimum input size of {args.model}, {minimum}')
+    return args
 
 
 def finetune_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse `finetune` options as the CLI does (for callers such as the demo and the benchmark)."""
     parser = argparse.ArgumentParser(prog='resnetv2-zoo finetune')
     add_finetune_arguments(parser)
-    return resolve_recipe(parser.parse_args(argv))
+    return resolve_options(parser.parse_args(argv))
 
 
-def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every recipe option the command line left unset from the chosen recipe."""
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+@dataclass
+class FinetuneResult:
+    """What `finetune` made: the run folder, its best validation accuracy, the test report, every output."""
+
+    run_dir: Path
+    best_val_acc: float  # a fraction (0.9 = 90%), of the best epoch
+    best_epoch: int
+    val_report: Report  # the best checkpoint on the validation images
+    test_report: Optional[Report]  # the best checkpoint on the dataset root's test/ folder, if it has one
+    outputs: Dict[str, Path]  # RUN_FILES names (best, metrics, curves, ...) -> paths
+    summary: Dict[str, Any]  # summary.json
 
 
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group('data')
-    data.add_argument('--data', help='training images, one folder per class')
-    data.add_argument('--val-data', help='validation images (same class folders); default: split off --data')
-    data.add_argument('--val-split', type=float, default=0.2, help='stratified validation fraction of --data')
-    data.add_argument('--img-size', type=int, default=None, help="training resolution (default: the model's)")
-    data.add_argument('--workers', type=int, default=0 if not torch.cuda.is_available() else min(8, os.cpu_count()),
-                      help='DataLoader worker processes per rank')
-    model = parser.add_argument_group('model')
-    model.add_argument('--model', default='resnet50v2_keras', help='timm model name')
-    model.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
-                       help='start from ImageNet weights; default: if available, else from scratch with a notice')
-    model.add_argument('--init', help='start from this converted checkpoint (model directory or .safetensors)')
-    recipe = parser.add_argument_group('recipe (each option overrides the --recipe setting)')
-    recipe.add_argument('--recipe', choices=sorted(RECIPES), default='default')
-    recipe.add_argument('--epochs', type=int, default=10)
-    recipe.add_argument('--batch-size', type=int, default=None)
-    recipe.add_argument('--opt', default=None, help='timm optimizer name (adamw, adam, sgd, lamb, ...)')
-    recipe.add_argument('--lr', type=float, default=None)
-    recipe.add_argument('--weight-decay', type=float, default=None)
-    recipe.add_argument('--sched', default=None, help='timm scheduler name (cosine, step, ...)')
-    recipe.add_argument('--warmup-epochs', type=int, default=None)
-    recipe.add_argument('--decay-epochs', type=float, default=None, help='step scheduler: epochs between decays')
-    recipe.add_argument('--decay-rate', type=float, default=None, help='step scheduler: lr factor per decay')
-    recipe.add_argument('--label-smoothing', type=float, default=None)
-    recipe.add_argument('--augment', action=argparse.BooleanOptionalAction, default=None,
-                        help='random resized crops, flips and colour jitter on training images')
-    recipe.add_argument('--clip-grad', type=float, default=None, help='gradient norm limit (0: none)')
-    recipe.add_argument('--freeze-epochs', type=int, default=0, help='epochs training only the new head first')
-    recipe.add_argument('--bn-momentum', type=float, default=0.1,
-                        help="BatchNorm running-statistics momentum (PyTorch convention); Keras's 0.01 suits long "
-                             'ImageNet training but lags far behind the weights over a short fine-tune')
-    recipe.add_argument('--ema-decay', type=float, default=0.0, help='keep and evaluate an EMA of the weights')
-    run = parser.add_argument_group('run')
-    run.add_argument('--out', help='run directory for checkpoints, metrics and figures')
-    run.add_argument('--resume', metavar='RUN_DIR', help='continue the run in RUN_DIR where it stopped')
-    run.add_argument('--checkpoint-every', type=int, default=0,
-                     help='also save the resume checkpoint every N steps (default: at the end of each epoch)')
-    run.add_argument('--seed', type=int, default=0)
-    run.add_argument('--device', default=None, help='default: cuda when available, else cpu')
-    run.add_argument('--compile', action='store_true', help='torch.compile the model')
+def _report(data: Optional[Dict[str, Any]]) -> Optional[Report]:
+    if data is None:
+        return None
+    return Report(**{**data, 'classes': [ClassReport(**c) for c in data['classes']],
+                     'skipped': [tuple(s) for s in data.get('skipped', [])]})
+
+
+def finetune_from_args(args: argparse.Namespace) -> Optional[FinetuneResult]:
+    """Run `finetune` as the parsed options say; the result on rank 0 (None on the other DDP ranks)."""
+    if not args.resume and not (args.data and args.out):
+        raise ResNetV2ZooError('finetune needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)')
+    summary = run_finetune(resolve_options(args))
+    if summary is None:
+        return None
+    run_dir = Path(args.resume or args.out)
+    return FinetuneResult(run_dir, summary['best_val_acc'], summary['best_epoch'], _report(summary['best_report']),
+                          _report(summary['test_report']), {name: run_dir / RUN_FILES[name] for name in RUN_FILES},
+                          summary)
+
+
+def finetune(data: Optional[PathLike] = None, out: Optional[PathLike] = None, epochs: Optional[int] = None,
+             **options: Any) -> Optional[FinetuneResult]:
+    """Fine-tune a (pretrained) model on an image folder, as `resnetv2-zoo finetune` does.
+
+    Args:
+        data: a folder of class folders, or a dataset root with train/ and val/ (or valid/, validation/)
+            and test/ folders of them (timm train.py's layout): val/ then validates and test/ gets the final
+            report. A folder named like a split is never taken as a class.
+        out: the run folder (new, empty, or a run folder without a resume checkpoint).
+        epochs: epochs to train (default 10); with `resume`, a larger value extends the run.
+        **options: any other `finetune` option by its Python name: `model`, `pretrained`, `init`, `val_data`,
+            `val_split`, `img_size`, `batch_size`, `lr`, `recipe`, `device`, `workers`, `seed`, `resume`, ...
+            (`resnetv2-zoo finetune --help` lists them); each is checked as the command line checks it.
+
+    Returns the run's `FinetuneResult` (None on the other ranks of a torchrun launch). Raises
+    `ResNetV2ZooError` on bad input, before anything is created, and KeyboardInterrupt when interrupted:
+    the run then continues with `finetune(resume=out)`.
+    """
+    parser = argparse.ArgumentParser(prog='resnetv2_zoo.finetune')
+    add_finetune_arguments(parser)
+    args = parser.parse_args([])
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    given = dict(options, data=data, out=out, epochs=epochs)
+    for name, value in given.items():
+        if name not in actions:
+            raise TypeError(f'finetune() got an unknown option {name!r}; options: {", ".join(sorted(actions))}')
+        if value is None:
+            continue
+        action = actions[name]
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise ResNetV2ZooError(f'{name}={value!r}: expected True or False')
+        elif action.type is not None:
+            try:
+                value = action.type(str(value))
+            except argparse.ArgumentTypeError as e:
+                raise ResNetV2ZooError(f'{name}={value!r}: {e}') from None
+        if action.choices is not None and value not in action.choices:
+            raise ResNetV2ZooError(f'{name}={value!r}: expected one of {", ".join(map(str, action.choices))}')
+        setattr(args, name, value)
+    return finetune_from_args(args)
+
+
+def output_lines(run_dir: PathLike) -> List[str]:
+    """Where every output of the run in `run_dir` is, one line each (what `finetune` and `demo` end with)."""
+    run_dir = Path(run_dir)
+    lines = [f'  {name:12s} {run_dir / RUN_FILES[name]}' for name in RUN_FILES]
+    lines.append(f'  {"model card":12s} {run_dir / RUN_FILES["best"] / README_NAME}')
+    return lines
 
 
 def run_finetune_command(args: argparse.Namespace) -> None:
-    if not args.resume and not (args.data and args.out):
-        raise ResNetV2ZooError('finetune needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)')
-    run_finetune(resolve_recipe(args))
+    run_dir = args.resume or args.out
+    try:
+        result = finetune_from_args(args)
+    except KeyboardInterrupt:
+        # The CLI prints the message as one line and exits 130; the last resume checkpoint is intact (written
+        # atomically). Under DDP only rank 0 says it.
+        if timm.utils.world_info_from_env()[1] != 0:
+            raise SystemExit(INTERRUPTED_EXIT) from None
+        if (Path(run_dir) / RUN_FILES['resume']).is_file():
+            raise KeyboardInterrupt(f'interrupted; resume with: resnetv2-zoo finetune --resume {run_dir}') from None
+        raise KeyboardInterrupt('interrupted before the run started; nothing was written') from None
+    if result is not None:
+        test = f', test {100 * result.test_report.accuracy:.1f}%' if result.test_report is not None else ''
+        print(f'\nbest validation accuracy {100 * result.best_val_acc:.1f}% (epoch {result.best_epoch}){test}. '
+              f'Outputs:', flush=True)
+        print('\n'.join(output_lines(result.run_dir)), flush=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,64 +1,92 @@
-"""`resnetv2-zoo predict CHECKPOINT IMAGE_OR_DIR...`: top-k class names with probabilities."""
+"""`resnetv2-zoo predict CHECKPOINT IMAGE_OR_DIR...`: top-k class names with probabilities.
+
+`predict()` is the Python API (`resnetv2_zoo.predict`); the command is a thin layer over it.
+"""
 import argparse
 import json
-import logging
-from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
+from ..argtypes import DefaultsHelpFormatter, image_size, non_negative_int, positive_int
 from ..errors import ResNetV2ZooError
-from .data import ImageSamples, build_transforms, image_files_under, load_rgb
-from .runtime import label_names_of, load_classifier, pick_device, predict_loader, prepare_for_device
+from ..weights.decode import top_k_labels
+from .data import build_transforms, check_images, image_files_under
+from .evaluate import add_inference_options
+from .runtime import (
+    check_checkpoint,
+    label_names_of,
+    load_classifier,
+    pick_device,
+    predict_samples,
+    prepare_for_inference,
+    resolve_amp,
+)
 
-__all__ = ['Prediction', 'predict_files', 'top_k']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['Prediction', 'PredictResult', 'predict', 'predict_files']
 
 
 @dataclass
 class Prediction:
     path: str
-    top: List[Tuple[str, float]]  # (class name, probability), most likely first
+    top: List[Tuple[str, float]]  # (class name, probability), most likely first; k is clipped to the class count
 
 
-def top_k(logits: torch.Tensor, names: Sequence[str], k: int) -> List[List[Tuple[str, float]]]:
-    probs, indices = logits.softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
-    return [[(names[i], float(p)) for p, i in zip(row_p, row_i)] for row_p, row_i in zip(probs, indices.tolist())]
+@dataclass
+class PredictResult:
+    """What `predict` returns: one `Prediction` per readable image, in the order found."""
+
+    predictions: List[Prediction]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable files left out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
-def readable(paths: Sequence[str]) -> List[str]:
-    """The paths that load as images; the others are reported and left out."""
-    good = []
-    for path in paths:
-        try:
-            load_rgb(path)
-        except Exception as e:  # PIL raises many types for files that are not (complete) images
-            _logger.warning('skipping %s: not a readable image (%s: %s)', path, type(e).__name__, e)
-        else:
-            good.append(path)
-    return good
+def predict(checkpoint: str, images: Sequence[str], top_k: int = 5, img_size: Optional[int] = None,
+            batch_size: int = 32, workers: int = 0, device: Optional[str] = None, amp: str = 'auto',
+            optimize: bool = True, progress: bool = False) -> PredictResult:
+    """Top-k classes of image files and of the images under folders.
+
+    Args:
+        checkpoint: a fine-tuning run directory, a model directory, a `.safetensors` file, a timm train.py
+            checkpoint (`.pth.tar`, read with `weights_only=True`), or a timm model name (pretrained, ImageNet).
+        images: image files and folders (searched recursively).
+        top_k: classes per image, most likely first (at most the number of classes).
+        img_size: input resolution; default the checkpoint's.
+        batch_size, workers: of the DataLoader.
+        device, amp, optimize, progress: as for `evaluate`.
+
+    Unreadable files are warned about and listed in `skipped`; an animated image is classified on its
+    first frame.
+    """
+    check_checkpoint(checkpoint)
+    check = check_images(image_files_under(images))
+    files = check.readable
+    if not files:
+        raise ResNetV2ZooError(f'no readable image in {", ".join(map(str, images))}')
+    torch_device = pick_device(device)
+    dtype = resolve_amp(torch_device, amp)
+    model = load_classifier(checkpoint)
+    logits, _ = predict_samples(prepare_for_inference(model, torch_device, optimize), [(f, 0) for f in files],
+                                build_transforms(model, img_size, augment=False)[1], torch_device,
+                                batch_size=batch_size, workers=workers, progress=progress, amp=dtype)
+    predictions = [Prediction(f, top) for f, top in zip(files, top_k_labels(logits, label_names_of(model), top_k))]
+    return PredictResult(predictions, list(check.skipped))
 
 
 def predict_files(checkpoint: str, paths: Sequence[str], k: int = 5, img_size: Optional[int] = None,
-                  batch_size: int = 32) -> List[Prediction]:
-    files = readable(image_files_under(paths))
-    if not files:
-        raise ResNetV2ZooError(f'no readable image in {", ".join(map(str, paths))}')
-    model = load_classifier(checkpoint)
-    device = pick_device()
-    dataset = ImageSamples([(f, 0) for f in files], build_transforms(model, img_size, augment=False)[1])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    logits, _ = predict_loader(prepare_for_device(model, device), loader, device)
-    return [Prediction(f, top) for f, top in zip(files, top_k(logits, label_names_of(model), k))]
+                  batch_size: int = 32, workers: int = 0, **options: Any) -> List[Prediction]:
+    """`predict(...).predictions`, under its earlier name."""
+    return predict(checkpoint, paths, k, img_size, batch_size, workers, **options).predictions
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    predictions = predict_files(args.checkpoint, args.images, args.top_k, args.img_size, args.batch_size)
+    result = predict(args.checkpoint, args.images, args.top_k, args.img_size, args.batch_size, args.workers,
+                     device=args.device, amp=args.amp, optimize=args.optimize, progress=args.progress)
     if args.json:
-        print(json.dumps([asdict(p) for p in predictions], indent=2))
+        print(json.dumps([asdict(p) for p in result.predictions], indent=2))
         return
-    for prediction in predictions:
+    for prediction in result.predictions:
         print(prediction.path)
         for name, prob in prediction.top:
             print(f'  {100 * prob:6.2f}%  {name}')
@@ -66,12 +94,17 @@ def run_predict(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser('predict', help='top-k classes of images',
+                            formatter_class=DefaultsHelpFormatter,
                             description='Classify image files and folders with a checkpoint (run directory, model '
-                                        'directory, .safetensors file or timm model name for ImageNet).')
+                                        'directory, .safetensors file, timm train.py .pth.tar, or timm model name '
+                                        'for ImageNet).')
     parser.add_argument('checkpoint')
     parser.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR')
-    parser.add_argument('--top-k', type=int, default=5)
-    parser.add_argument('--img-size', type=int, default=None, help="default: the checkpoint's input size")
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--top-k', type=positive_int, default=5,
+                        help='classes shown per image (at most the number of classes)')
+    parser.add_argument('--img-size', type=image_size, default=None, help="default: the checkpoint's input size")
+    parser.add_argument('--batch-size', type=positive_int, default=32, help='images per batch')
+    parser.add_argument('--workers', type=non_negative_int, default=0, help='DataLoader worker processes')
     parser.add_argument('--json', action='store_true', help='print the predictions as JSON')
+    add_inference_options(parser)
     parser.set_defaults(func=run_predict)

@@ -6,14 +6,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Dict, Union
 
 import numpy as np
 import torch
 
 from ..errors import ResNetV2ZooError
-from ..keras.runtime import import_keras
-from ..keras.spec import KERAS_RESNETS
+from ..keras import runtime
+from ..keras.files import read_keras_weights
+from ..keras.spec import KERAS_RESNETS, canonical_layer_name, is_legacy_layer_name
+from ..keras.tf_checkpoint import find_tf_format, read_tf_layout
 from .convert import ConvertedKeras, build_model
 
 PathLike = Union[str, os.PathLike]
@@ -43,7 +45,7 @@ class Verification:
 
 def keras_reference_model(arch: str, num_classes: int) -> Any:
     """The Keras model a checkpoint of `arch` loads into: logits with a top, average-pooled features without."""
-    app = getattr(import_keras().applications, KERAS_RESNETS[arch].keras_app)
+    app = getattr(runtime.import_keras().applications, KERAS_RESNETS[arch].keras_app)
     if num_classes:
         return app(weights=None, include_top=True, classes=num_classes, classifier_activation=None)
     return app(weights=None, include_top=False, pooling='avg', input_shape=(None, None, 3))
@@ -53,7 +55,9 @@ def verify_against_keras(source: Union[PathLike, Any], converted: ConvertedKeras
                          batch_size: int = 2, seed: int = 0) -> Verification:
     """Run Keras (loading `source` its own way) and the converted model on one seeded batch."""
     try:
-        if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, (str, os.PathLike)) and converted.metadata['source_format'] in TF_FORMATS:
+            keras_model = tf_keras_model(Path(source), converted)
+        elif isinstance(source, (str, os.PathLike)):
             keras_model = keras_reference_model(converted.arch, converted.num_classes)
             _keras_load_weights(keras_model, Path(source), converted.metadata['source_format'])
         else:
@@ -61,17 +65,82 @@ def verify_against_keras(source: Union[PathLike, Any], converted: ConvertedKeras
     except ImportError as e:
         raise ResNetV2ZooError(f'--verify needs TensorFlow and Keras: {e}') from e
     images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    keras_out = np.asarray(keras_model(images.permute(0, 2, 3, 1).numpy(), training=False))
+    keras_out = np.asarray(keras_model(keras_input(images, converted.arch), training=False))
+    if keras_out.ndim == 4 and not converted.num_classes:  # a no-top SavedModel without pooling: feature maps
+        keras_out = keras_out.mean(axis=(1, 2))
     with torch.no_grad():
         ours = build_model(converted)(images).numpy()
     diff = float(np.abs(keras_out - ours).max()) if keras_out.shape == ours.shape else float('inf')
     return Verification(diff, parity_tolerance(keras_out), 'logits' if converted.num_classes else 'pooled features')
 
 
+TF_FORMATS = ('tf_checkpoint', 'saved_model')
+
+
+def tf_keras_model(path: Path, converted: ConvertedKeras) -> Any:
+    """Keras 2 loads a TF checkpoint or SavedModel its own way, by the object graph's order, not by name.
+
+    A SavedModel is loaded whole (`load_model`), with its classifier's activation removed to compare logits;
+    a checkpoint is loaded into the model it was saved from: the ResNetV2 application, or a nested base +
+    global average pooling + Dense. Every object of that model must be matched in the file.
+    """
+    tf_keras = runtime.import_tf_keras()
+    tf_format = find_tf_format(path)
+    try:
+        if tf_format.kind == 'saved_model':
+            model = tf_keras.models.load_model(str(tf_format.directory), compile=False)
+            if converted.num_classes:
+                model.layers[-1].activation = tf_keras.activations.linear
+            return model
+        app = getattr(tf_keras.applications, KERAS_RESNETS[converted.arch].keras_app)
+        if read_tf_layout(tf_format) == 'nested':
+            inputs = tf_keras.Input((None, None, 3))
+            features = app(weights=None, include_top=False, input_shape=(None, None, 3))(inputs)
+            outputs = tf_keras.layers.Dense(converted.num_classes)(tf_keras.layers.GlobalAveragePooling2D()(features))
+            model = tf_keras.Model(inputs, outputs)
+        elif converted.num_classes:
+            model = app(weights=None, include_top=True, classes=converted.num_classes, classifier_activation=None)
+        else:
+            model = app(weights=None, include_top=False, pooling='avg', input_shape=(None, None, 3))
+        model.load_weights(str(tf_format.prefix)).expect_partial().assert_existing_objects_matched()
+        return model
+    except (ValueError, AssertionError, OSError, TypeError, KeyError) as e:
+        raise ResNetV2ZooError(f'--verify: Keras 2 cannot load {path}: {type(e).__name__}: '
+                               f'{str(e).splitlines()[0] if str(e) else ""}') from e
+
+
+def keras_input(images: torch.Tensor, arch: str) -> np.ndarray:
+    """The NHWC batch Keras's `arch` takes for our NCHW `images`: channels reversed (RGB -> BGR) for v1, whose
+    BGR input order the converter folds into the stem conv."""
+    array = images.permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(array[..., ::-1]) if KERAS_RESNETS[arch].family == 'v1' else array
+
+
 def _keras_load_weights(keras_model: Any, path: Path, source_format: str) -> None:
-    """Keras picks the reader by file suffix; link the file under the suffix of the format it really is."""
+    """Keras picks the reader by file suffix; link the file under the suffix of the format it really is.
+
+    Keras cannot read a TF.js model, and loads a legacy `.h5` by layer order, which for the original v1
+    names (`res2a_branch2a`, in another order) is wrong: those are set by layer name instead.
+    """
+    if source_format == 'tfjs_layers' or source_format.startswith('legacy_h5'):
+        weights = read_keras_weights(path)
+        if source_format == 'tfjs_layers' or any(is_legacy_layer_name(name) for name in weights.layers):
+            set_keras_weights_by_name(keras_model, {canonical_layer_name(k): v for k, v in weights.layers.items()})
+            return
     suffix = {'weights_h5': '.weights.h5', 'keras_zip': '.keras'}.get(source_format, '.h5')
     with tempfile.TemporaryDirectory() as tmp:
         link = Path(tmp) / f'model{suffix}'
         link.symlink_to(path.resolve())
         keras_model.load_weights(str(link))
+
+
+def set_keras_weights_by_name(keras_model: Any, layers: Dict[str, Dict[str, np.ndarray]]) -> None:
+    """Give each Keras layer the variables of the same (keras.applications) name in `layers`."""
+    for layer in keras_model.layers:
+        if not layer.weights:
+            continue
+        found = layers.get(layer.name)
+        names = [variable.name.split('/')[-1].split(':')[0] for variable in layer.weights]
+        if found is None or any(name not in found for name in names):
+            raise ResNetV2ZooError(f'--verify: the file has no {layer.name} with variables {names}')
+        layer.set_weights([found[name] for name in names])

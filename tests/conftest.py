@@ -1,0 +1,56 @@
+"""What the test modules share: Keras models built once per session, the real-photo data, and the tiers.
+
+Tiers (markers declared in pyproject.toml):
+  keras        runs real Keras on TensorFlow; every test that does is marked
+  slow         takes more than a few seconds
+  shared_data  needs ../shared (real photos); skipped only where that directory is absent
+`make test` runs everything; `make test-fast` runs `-m "not keras and not slow"` for the edit loop.
+
+The Keras ResNet50V2 takes seconds to build and each file it writes is ~100 MB, so one seeded model
+(with and without its top) and its files serve every module that only reads them; a test that trains or
+edits a Keras model builds its own (`keras_helpers.build_keras_resnetv2`).
+"""
+import sys
+from pathlib import Path
+
+import pytest
+from keras_helpers import KerasResNet
+
+SHARED = Path(__file__).resolve().parents[2] / 'shared'
+WEATHER4 = SHARED / 'data' / 'weather4'
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if SHARED.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f'needs the shared data directory {SHARED}, absent here')
+    for item in items:
+        if 'shared_data' in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _keras_marker_is_honest(request: pytest.FixtureRequest):
+    """A test that imports TensorFlow must be marked `keras`, or `make test-fast` would run Keras after all.
+    (Checked where TensorFlow was not loaded yet: always in `make test-fast`, which deselects the keras tests.)"""
+    loaded = 'tensorflow' in sys.modules
+    yield
+    if request.node.get_closest_marker('keras') is None and (
+            'keras_resnet50v2' in request.fixturenames or (not loaded and 'tensorflow' in sys.modules)):
+        pytest.fail(f'{request.node.nodeid} runs Keras but is not marked keras', pytrace=False)
+
+
+@pytest.fixture(scope='session')
+def weather4() -> Path:
+    """The real 4-class photos (train/val/test). Where ../shared exists they must be there: a failure, not a skip."""
+    if not SHARED.is_dir():
+        pytest.skip(f'needs the shared data directory {SHARED}, absent here')
+    for split in ('train', 'val', 'test'):
+        assert (WEATHER4 / split).is_dir(), f'{SHARED} is present but {WEATHER4 / split} is missing'
+    return WEATHER4
+
+
+@pytest.fixture(scope='session')
+def keras_resnet50v2(tmp_path_factory) -> KerasResNet:
+    """Keras's ResNet50V2, seeded random weights, with and without the top; read-only (see KerasResNet)."""
+    return KerasResNet('resnet50v2_keras', tmp_path_factory.mktemp('keras_resnet50v2'), seed=1)
