@@ -15,15 +15,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/resnetv2-zoo demo
 
-# the whole suite, parity against real Keras included (README's command; CI runs it)
+# the whole suite, parity against real Keras included (README's command; CI runs it), in two workers, one per core
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal
 
 # the edit loop: no Keras (TensorFlow), nothing slow
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -m "not keras and not slow"
+	$(PY) -m pytest -n 2 --dist worksteal -m "not keras and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

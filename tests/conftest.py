@@ -10,11 +10,18 @@ The Keras ResNet50V2 takes seconds to build and each file it writes is ~100 MB, 
 (with and without its top) and its files serve every module that only reads them; a test that trains or
 edits a Keras model builds its own (`keras_helpers.build_keras_resnetv2`).
 """
+import os
 import sys
 from pathlib import Path
 
-import pytest
-from keras_helpers import KerasResNet
+# `make test` runs the suite in two pytest-xdist workers on the two cores: one compute thread each (and in the
+# processes they start), or every worker's torch and TensorFlow would spin on both cores at once.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    for _name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'TF_NUM_INTRAOP_THREADS', 'TF_NUM_INTEROP_THREADS'):
+        os.environ.setdefault(_name, '1')
+
+import pytest  # noqa: E402
+from keras_helpers import KerasResNet  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 WEATHER4 = SHARED / 'data' / 'weather4'

@@ -42,6 +42,7 @@ def leftovers(folder: Path):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith('.'))
 
 
+@pytest.mark.slow
 def test_onnx_export_dynamic_batch_matches_eager_in_onnxruntime(tmp_path):
     model = tiny_model()
     out = tmp_path / 'model.onnx'
@@ -85,6 +86,7 @@ def test_pt2_export_loads_back_and_matches(tmp_path):
         assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_replaces_only_its_own_exports(tmp_path):
     foreign = tmp_path / 'model.onnx'
     foreign.write_bytes(b'not ours')

@@ -164,6 +164,7 @@ def test_init_frozen_backbone_and_ema(finished_run, synthetic, tmp_path):
             torch.testing.assert_close(param, before[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_imagenet_checkpoint_predicts_imagenet_names(tmp_path, capsys):
     model = timm.create_model('resnet50v2_keras').eval()  # 1000 classes, no label names of its own
     weights = save_weights_file(model, tmp_path / 'in1k.safetensors')

@@ -289,6 +289,7 @@ def test_cli_run_on_a_dataset_root_reports_test_and_lists_every_output(cli_run, 
     assert f'test accuracy (`test/`, best epoch) | {100 * summary["test_report"]["accuracy"]:.1f}% on 8 images' in card
 
 
+@pytest.mark.slow
 def test_python_api_runs_and_returns_the_result(split_root, tmp_path):
     out = tmp_path / 'api run'
     result = resnetv2_zoo.finetune(data=split_root / 'train', out=out, epochs=1, model='test_resnet',

@@ -134,6 +134,7 @@ HOLDER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_holder_does_not_block(tmp_path):
     run = tmp_path / 'run'
     child = subprocess.Popen([sys.executable, '-c', HOLDER, str(run)], stdout=subprocess.PIPE, text=True)

@@ -40,6 +40,7 @@ def tiny_model(**kwargs) -> ResNetV2Keras:
 
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('size', [(224, 224), (37, 61)])
+@pytest.mark.slow
 def test_optimized_matches_eager(resnet50, channels_last, size):
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
     optimized = optimize_for_inference(resnet50, channels_last=channels_last)
@@ -68,6 +69,7 @@ def test_original_model_untouched(resnet50):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_deterministic(resnet50):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     first, second = optimize_for_inference(resnet50), optimize_for_inference(resnet50)

@@ -71,6 +71,7 @@ def test_converted_directory_has_a_card_with_source_and_digest(converted, keras_
     assert is_own_model_card(converted / README_NAME)
 
 
+@pytest.mark.slow
 def test_card_usage_runs_and_timm_alone_says_unknown_model(converted, monkeypatch):
     """The card's snippet loads the folder, and its warning is true: plain timm cannot."""
     monkeypatch.chdir(converted.parent)

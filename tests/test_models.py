@@ -95,6 +95,7 @@ def test_backward_reaches_every_parameter(name):
 
 
 @pytest.mark.parametrize('name', MODEL_PARAMS)
+@pytest.mark.slow
 def test_default_cfg_consistency(name):
     model = timm.create_model(name).eval()
     cfg = model.pretrained_cfg
@@ -116,6 +117,7 @@ def test_default_cfg_consistency(name):
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
 
 
+@pytest.mark.slow
 def test_global_pool_like_keras_pooling():
     x = torch.randn(2, 3, 96, 96)
     feats = timm.create_model('resnet50v2_keras', num_classes=0, global_pool='').eval()
@@ -144,6 +146,7 @@ def test_features_only(name):
         assert f.shape == (1, c, size // r, size // r)
 
 
+@pytest.mark.slow
 def test_features_only_out_indices_and_fx():
     """The getter (default) and timm's FX extractor agree; the last tap is post_bn + relu (Keras `post_relu`)."""
     def create(**kwargs):
@@ -255,6 +258,7 @@ def test_in_chans():
         assert model(torch.randn(2, 1, 64, 64)).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_drop_path_and_drop_rate():
     model = timm.create_model('resnet50v2_keras', drop_path_rate=0.2, drop_rate=0.5, num_classes=5)
     rates = [b.drop_path.drop_prob for s in model.stages for b in s.blocks if hasattr(b.drop_path, 'drop_prob')]

@@ -55,6 +55,7 @@ def entries(root: Path) -> list:
 
 # --- predict_samples: the one pipeline ---
 
+@pytest.mark.slow
 def test_predict_samples_matches_the_model_in_sample_order_and_keeps_the_rng(classifier, tmp_path):
     root = image_folder(tmp_path / 'data')
     samples = [(str(p), i % 3) for i, p in enumerate(sorted(root.rglob('*.png')))]
@@ -88,6 +89,7 @@ def test_predict_samples_matches_the_model_in_sample_order_and_keeps_the_rng(cla
     assert empty_logits.shape == (0, 3) and empty_targets.shape == (0,)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_use_the_pipeline_and_agree(classifier, tmp_path, capsys):
     root = image_folder(tmp_path / 'data')
     report = evaluate_folder(str(classifier), str(root), img_size=32, batch_size=4)
@@ -195,6 +197,7 @@ def animated_gif(path: Path, first=(250, 0, 0), second=(0, 0, 250)) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_animated_gif_uses_its_first_frame_and_is_reported(classifier, tmp_path, capsys):
     assert '.gif' not in IMG_EXTENSIONS  # control: why GIFs used to vanish from folders without a word
     root = image_folder(tmp_path / 'data')
@@ -217,6 +220,7 @@ def test_animated_gif_uses_its_first_frame_and_is_reported(classifier, tmp_path,
     assert f'1 animated image(s) scored on their first frame:\n  {gif}' in out and 'on 8 images' in out
 
 
+@pytest.mark.slow
 def test_evaluate_accepts_any_subset_of_the_checkpoint_classes(classifier, tmp_path, capsys):
     full = evaluate_folder(str(classifier), str(image_folder(tmp_path / 'full')), img_size=32)
     only_b = evaluate_folder(str(classifier), str(image_folder(tmp_path / 'b', ('b',))), img_size=32)
@@ -247,6 +251,7 @@ def test_imagenet_folders_may_use_wordnet_ids_and_shared_names_are_refused():
 
 # --- item 12: evaluate writes files only when asked ---
 
+@pytest.mark.slow
 def test_evaluate_writes_nothing_unless_plot_is_given(classifier, tmp_path, monkeypatch, capsys):
     root = image_folder(tmp_path / 'data')
     work = tmp_path / 'work'

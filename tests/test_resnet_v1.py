@@ -174,6 +174,7 @@ EXPORTERS = {
 
 
 @pytest.mark.parametrize('exporter', EXPORTERS)
+@pytest.mark.slow
 def test_exported_model_matches_eager(exporter):
     model = timm.create_model('resnet50_keras', num_classes=10).eval()
     exported = EXPORTERS[exporter](model)

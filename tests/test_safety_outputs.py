@@ -235,8 +235,8 @@ def test_outputs_follow_the_umask(tmp_path):
     for umask, (root, child) in children.items():
         assert child.wait(timeout=300) == 0, child.stderr.read()[-2000:]
         modes = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root / 'model', *root.rglob('*')]}
-        assert sorted(modes) == ['metrics.csv', 'model', 'model.safetensors', f'model/{CONFIG_NAME}',
-                                 f'model/{WEIGHTS_NAME}']
+        assert sorted(modes) == ['metrics.csv', 'model', 'model.safetensors', 'model/README.md',
+                                 f'model/{CONFIG_NAME}', f'model/{WEIGHTS_NAME}']
         expected_file, expected_dir = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}[umask]
         assert modes == {name: expected_dir if name == 'model' else expected_file for name in modes}, (umask, modes)
 
@@ -397,6 +397,7 @@ def test_load_refuses_a_checkpoint_that_disagrees_with_itself(checkpoints, tmp_p
             assert fragment in str(info.value), str(info.value)
 
 
+@pytest.mark.slow
 def test_a_consistent_checkpoint_loads_the_same_head_every_time(checkpoints):
     """The control for the refusals: the untampered checkpoint loads, three ways, to the saved model exactly."""
     directory, single, model = checkpoints

@@ -281,8 +281,8 @@ def test_lock_of_a_killed_process_never_blocks(cache, keras_files, monkeypatch, 
     assert not [r for r in caplog.records if 'waiting for' in r.getMessage()]
     _assert_reference_weights(model, keras_files)
     assert _stale_downloads(cache) == []
-    assert _cache_entries(cache) == [f'{ARCH}.tf_in1k-notop', f'{ARCH}.tf_in1k-notop/config.json',
-                                      f'{ARCH}.tf_in1k-notop/model.safetensors']
+    assert _cache_entries(cache) == [f'{ARCH}.tf_in1k-notop', f'{ARCH}.tf_in1k-notop/README.md',
+                                      f'{ARCH}.tf_in1k-notop/config.json', f'{ARCH}.tf_in1k-notop/model.safetensors']
 
 
 # --- item 4: a cache that cannot be written ---

@@ -30,6 +30,7 @@ def run_python(code: str, *args: str, cwd=None, env=None, timeout: int = 600) ->
 
 # --- item 3: list_pretrained / is_model_pretrained ---
 
+@pytest.mark.slow
 def test_timm_lists_the_official_weights_without_network_or_files_at_import(tmp_path):
     cache = tmp_path / 'cache'
     code = '\n'.join([
@@ -89,6 +90,7 @@ def test_a_url_of_the_users_own_is_left_to_timm():
 
 @pytest.mark.parametrize('arch', ['resnet50v2_keras', 'resnet50_keras'])
 @pytest.mark.parametrize('out_indices', [(0, 1, 2, 3, 4), (1, 3), (0,), (4,)])
+@pytest.mark.slow
 def test_torchscript_features_only(arch, out_indices):
     model = timm.create_model(arch, features_only=True, out_indices=out_indices).eval()
     scripted = torch.jit.script(model)
@@ -123,6 +125,7 @@ FAKE_SCRIPT = ('import sys, json, timm\n'
 
 
 @pytest.mark.parametrize('launcher', [['-m', 'resnetv2_zoo.cli', 'timm'], ['-m', 'resnetv2_zoo.timm_scripts']])
+@pytest.mark.slow
 def test_runner_runs_the_script_as_main_with_our_models(tmp_path, launcher):
     script = tmp_path / 'benchmark.py'
     script.write_text(FAKE_SCRIPT)
@@ -137,6 +140,7 @@ def test_runner_runs_the_script_as_main_with_our_models(tmp_path, launcher):
     assert json.loads(plain.stdout.splitlines()[-1])[1] is False
 
 
+@pytest.mark.slow
 def test_runner_without_a_script_says_where_timm_keeps_them(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'resnetv2_zoo.cli', 'timm', str(tmp_path / 'train.py')],
                           capture_output=True, text=True, timeout=300)

@@ -17,11 +17,12 @@ import io
 import math
 import os
 import re
+import struct
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
@@ -99,8 +100,8 @@ def read_keras_weights(
     if not h5py.is_hdf5(path):
         raise KerasFileError(f'{path} is neither an HDF5 file nor a .keras archive')
     try:
-        with h5py.File(path, 'r') as h5:
-            return _read_h5(h5, str(path), layer_order, config=None)
+        with open(path, 'rb') as raw, h5py.File(path, 'r') as h5:
+            return _read_h5(h5, raw, str(path), layer_order, config=None)
     except KerasFileError:
         raise
     except H5PY_ERRORS as e:
@@ -116,17 +117,19 @@ def file_hexdigest(path: PathLike, algorithm: str = 'sha256') -> str:
     return digest.hexdigest()
 
 
-def _read_h5(h5: h5py.File, source: str, layer_order: Optional[LayerOrder],
+def _read_h5(h5: h5py.File, raw: BinaryIO, source: str, layer_order: Optional[LayerOrder],
              config: Optional[Dict[str, Any]]) -> KerasWeights:
-    """Tell the three HDF5 layouts apart; `config` is the `.keras` archive's config.json, if any."""
-    _check_self_contained(h5, source)
+    """Tell the three HDF5 layouts apart; `raw` reads the same bytes as `h5` (see `_Structure`);
+    `config` is the `.keras` archive's config.json, if any."""
+    _check_self_contained(h5, raw, source)
     if 'layer_names' in h5.attrs or 'layer_names0' in h5.attrs:
         return KerasWeights(_read_legacy_group(h5, source), source, 'legacy_h5_weights',
-                            _attr_str(h5, 'keras_version') or 'unknown')
+                            _attr_str(h5, 'keras_version', source) or 'unknown')
     if 'model_weights' in h5:
         group = h5['model_weights']
         return KerasWeights(_read_legacy_group(group, source), source, 'legacy_h5_model',
-                            _attr_str(h5, 'keras_version') or _attr_str(group, 'keras_version') or 'unknown')
+                            _attr_str(h5, 'keras_version', source) or _attr_str(group, 'keras_version', source)
+                            or 'unknown')
     if 'layers' in h5:
         names = _keras3_names_from_config(config) if config is not None else None
         return KerasWeights(_read_keras3_group(h5, source, names, layer_order), source, 'weights_h5')
@@ -135,7 +138,7 @@ def _read_h5(h5: h5py.File, source: str, layer_order: Optional[LayerOrder],
         f'`model_weights` group or `layers` group (found top-level keys {sorted(h5.keys())[:10]})')
 
 
-def _check_self_contained(h5: h5py.File, source: str) -> None:
+def _check_self_contained(h5: h5py.File, raw: BinaryIO, source: str) -> None:
     """Refuse, before reading any value, a file that would make HDF5 read other files, allocate without bound,
     or hand back values that are not in the file.
 
@@ -147,6 +150,8 @@ def _check_self_contained(h5: h5py.File, source: str) -> None:
     seen = set()
     total_bytes = 0
     spans: List[Tuple[int, int, str]] = []  # (offset, end, name) of each contiguous dataset's values in the file
+    structure = _Structure(h5, raw, source)  # where the file's HDF5 metadata lies
+    structure.add_object(h5, '/')
     pending = [('/', h5)]
     while pending:
         path, group = pending.pop()
@@ -162,12 +167,14 @@ def _check_self_contained(h5: h5py.File, source: str) -> None:
             if obj.id in seen:
                 continue
             seen.add(obj.id)
+            structure.add_object(obj, member)
             if isinstance(obj, h5py.Group):
                 pending.append((member, obj))
             elif isinstance(obj, h5py.Dataset):
                 if obj.is_virtual or obj.external:
                     kind = 'a virtual dataset' if obj.is_virtual else 'stored in external files'
                     raise KerasFileError(f'{source}: dataset {member} is {kind}; refusing to read other files')
+                _check_float_type(obj, member, source)
                 nbytes = (obj.size or 0) * obj.dtype.itemsize
                 total_bytes += nbytes
                 if nbytes > MAX_TENSOR_BYTES or total_bytes > MAX_TOTAL_BYTES:
@@ -182,7 +189,7 @@ def _check_self_contained(h5: h5py.File, source: str) -> None:
                 offset = obj.id.get_offset()
                 if offset is not None:
                     spans.append((offset, offset + obj.id.get_storage_size(), member))
-    _check_disjoint(spans, h5.id.get_filesize(), source)
+    _check_disjoint(spans, structure.spans, h5.id.get_filesize(), source)
 
 
 def _unwritten(dataset: h5py.Dataset) -> bool:
@@ -193,14 +200,120 @@ def _unwritten(dataset: h5py.Dataset) -> bool:
     return dataset.id.get_num_chunks() < chunks_needed
 
 
-def _check_disjoint(spans: List[Tuple[int, int, str]], file_size: int, source: str) -> None:
-    """Keras files carry no checksums; a damaged data address is caught when it makes two tensors share bytes
-    or points past the end of the file (HDF5 itself checks neither before reading)."""
-    spans.sort()
-    for (_, end, name), (offset, _, next_name) in zip(spans, spans[1:]):
-        if offset < end:
-            raise KerasFileError(f'{source}: the values of datasets {name} and {next_name} overlap in the file; '
-                                 'it is corrupt')
+def _check_float_type(dataset: h5py.Dataset, member: str, source: str) -> None:
+    """Refuse floats that are not IEEE little-endian binary16/32/64, the only ones Keras writes.
+
+    HDF5 describes a float by its fields (sign, exponent and mantissa positions and sizes, bias,
+    normalization, byte order) and converts any such description to the native type on read, so a damaged
+    datatype message reads back as other values without an error.
+    """
+    tid = dataset.id.get_type()
+    if tid.get_class() != h5py.h5t.FLOAT or any(tid.equal(ieee) for ieee in _IEEE_FLOATS):
+        return  # not a float (refused later if it is a weight), or a standard one
+    order = 'big-endian' if tid.get_order() == h5py.h5t.ORDER_BE else 'little-endian'
+    sign, exp_pos, exp_size, man_pos, man_size = tid.get_fields()
+    raise KerasFileError(
+        f'{source}: dataset {member} stores {8 * tid.get_size()}-bit floats that are not IEEE little-endian '
+        f'({order}, sign bit {sign}, exponent {exp_size} bits at {exp_pos} with bias {tid.get_ebias()}, mantissa '
+        f'{man_size} bits at {man_pos}, {_NORMS.get(tid.get_norm(), "unknown")} normalization); Keras writes IEEE '
+        'float16/32/64, so the file is corrupt')
+
+
+_IEEE_FLOATS = (h5py.h5t.IEEE_F16LE, h5py.h5t.IEEE_F32LE, h5py.h5t.IEEE_F64LE)
+_NORMS = {h5py.h5t.NORM_IMPLIED: 'implied-bit', h5py.h5t.NORM_MSBSET: 'msb-set', h5py.h5t.NORM_NONE: 'no'}
+
+
+class _Structure:
+    """The byte ranges of a file's HDF5 metadata, for `_check_disjoint`: every object's header and, for the
+    old-style groups that h5py and Keras write (version 1 headers), their continuation chunks, symbol-table
+    B-tree nodes, symbol-table nodes and local heaps.
+
+    HDF5 exposes object header addresses (`H5Oget_info`) but not where a group's B-tree and heap lie, so those
+    are read from the group's symbol-table message; h5py has just walked the same structures without error.
+    """
+
+    def __init__(self, h5: h5py.File, raw: BinaryIO, source: str):
+        self.raw, self.source, self.file_size = raw, source, h5.id.get_filesize()
+        self.spans: List[Tuple[int, int, str]] = []
+        self.leaf_k = self.internal_k = 0  # 0: the superblock is not one whose groups we parse
+        super_block = self._read(0, 24, 'the superblock')
+        if (h5.userblock_size == 0 and super_block[:8] == b'\x89HDF\r\n\x1a\n' and super_block[8] in (0, 1)
+                and super_block[13:15] == b'\x08\x08'):  # 8-byte offsets and lengths
+            self.leaf_k, self.internal_k = struct.unpack_from('<HH', super_block, 16)
+            self.spans.append((0, 96 + 4 * super_block[8], 'the superblock'))
+
+    def _read(self, offset: int, size: int, what: str) -> bytes:
+        data = b''
+        if offset + size <= self.file_size:  # else a damaged size, which must not become a huge read
+            self.raw.seek(offset)
+            data = self.raw.read(size)
+        if len(data) != size:
+            raise KerasFileError(f'{self.source}: {what} at byte {offset} lies past the end of the file; it is '
+                                 'truncated or corrupt')
+        return data
+
+    def add_object(self, obj: Union[h5py.Group, h5py.Dataset], member: str) -> None:
+        info = h5py.h5o.get_info(obj.id)
+        what = f'the object header of {member}'
+        if info.hdr.version != 1 or not self.leaf_k:
+            size = info.hdr.space.total if info.hdr.nchunks == 1 else 16  # other chunks: not exposed
+            self.spans.append((info.addr, info.addr + size, what))
+            return
+        chunk_size = struct.unpack_from('<I', self._read(info.addr, 16, what), 8)[0]
+        chunks = [(info.addr + 16, chunk_size)]
+        self.spans.append((info.addr, info.addr + 16, what))
+        while chunks:
+            start, size = chunks.pop()
+            self.spans.append((start, start + size, what))
+            data, at = self._read(start, size, what), 0
+            while at + 8 <= size:
+                kind, length = struct.unpack_from('<HH', data, at)
+                body = data[at + 8:at + 8 + length]
+                if kind == 0x10 and len(body) >= 16:  # continuation: the header goes on elsewhere
+                    chunks.append(struct.unpack_from('<QQ', body))
+                elif kind == 0x11 and len(body) >= 16 and isinstance(obj, h5py.Group):  # symbol table
+                    btree, heap = struct.unpack_from('<QQ', body)
+                    self._add_heap(heap, member)
+                    self._add_btree(btree, member)
+                at += 8 + length
+
+    def _add_heap(self, offset: int, member: str) -> None:
+        what = f'the local heap of group {member}'
+        header = self._read(offset, 32, what)
+        if header[:4] != b'HEAP':
+            raise KerasFileError(f'{self.source}: {what} at byte {offset} has no HEAP signature; it is corrupt')
+        size, _, data = struct.unpack_from('<QQQ', header, 8)
+        self.spans += [(offset, offset + 32, what), (data, data + size, what)]
+
+    def _add_btree(self, offset: int, member: str, depth: int = 0) -> None:
+        what = f'the symbol-table B-tree of group {member}'
+        size = 24 + (4 * self.internal_k + 1) * 8
+        node = self._read(offset, size, what)
+        if node[:4] != b'TREE' or node[4] != 0 or depth > 32:
+            raise KerasFileError(f'{self.source}: {what} at byte {offset} is not a group B-tree node; it is corrupt')
+        level, entries = node[5], struct.unpack_from('<H', node, 6)[0]
+        self.spans.append((offset, offset + size, what))
+        for i in range(min(entries, 2 * self.internal_k)):
+            child = struct.unpack_from('<Q', node, 24 + 16 * i + 8)[0]
+            if level:
+                self._add_btree(child, member, depth + 1)
+            else:
+                self.spans.append((child, child + 8 + 80 * self.leaf_k, f'a symbol-table node of group {member}'))
+
+
+def _check_disjoint(spans: List[Tuple[int, int, str]], structure: List[Tuple[int, int, str]], file_size: int,
+                    source: str) -> None:
+    """Keras files carry no checksums; a damaged data address is caught when it makes a tensor's values share
+    bytes with another tensor or with the file's HDF5 structure (`_Structure`), or points past the end of the
+    file (HDF5 itself checks none of these before reading)."""
+    regions = sorted([(offset, end, f'the values of dataset {name}') for offset, end, name in spans] + structure)
+    reach, reached_by = -1, ''
+    for offset, end, what in regions:
+        if offset < reach:
+            raise KerasFileError(f'{source}: {reached_by} and {what} overlap in the file; it is corrupt')
+        if end > reach:
+            reach, reached_by = end, what
+    spans.sort(key=lambda span: span[1])
     if spans and spans[-1][1] > file_size:
         raise KerasFileError(f'{source}: the values of dataset {spans[-1][2]} end at byte {spans[-1][1]}, past the '
                              f'end of the file ({file_size} bytes); it is truncated or corrupt')
@@ -210,14 +323,14 @@ def _check_disjoint(spans: List[Tuple[int, int, str]], file_size: int, source: s
 
 def _read_legacy_group(group: h5py.Group, source: str) -> LayerWeights:
     layers: LayerWeights = {}
-    group_names = _attr_list(group, 'layer_names')
+    group_names = _attr_list(group, 'layer_names', source)
     if 'top_level_model_weights' in group:  # Keras 3: variables of the model itself, outside any layer
         group_names.append('top_level_model_weights')
     for group_name in group_names:
         if group_name not in group:
             raise KerasFileError(f'{source}: layer {group_name!r} is listed in `layer_names` but has no group')
         layer_group = group[group_name]
-        for weight_name in _attr_list(layer_group, 'weight_names'):
+        for weight_name in _attr_list(layer_group, 'weight_names', source):
             # `conv1_conv/kernel:0` (Keras 2) or `conv1_conv/kernel` (Keras 3); a nested model's group
             # holds its layers' weights, so the layer is the second-to-last part, not the group.
             parts = weight_name.split('/')
@@ -229,21 +342,33 @@ def _read_legacy_group(group: h5py.Group, source: str) -> LayerWeights:
     return layers
 
 
-def _attr_list(group: h5py.Group, name: str) -> List[str]:
+def _attr_list(group: h5py.Group, name: str, source: str) -> List[str]:
     """A string-list attribute; Keras splits long ones into `name0`, `name1`, ... (HDF5 header limit)."""
     if name in group.attrs:
-        values = group.attrs[name]
+        values = _string_attr(group, name, source)
     else:
         chunks = []
         while f'{name}{len(chunks)}' in group.attrs:
-            chunks.append(group.attrs[f'{name}{len(chunks)}'])
+            chunks.append(_string_attr(group, f'{name}{len(chunks)}', source))
         values = np.concatenate(chunks) if chunks else []
     return [v.decode('utf8') if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _attr_str(group: h5py.Group, name: str) -> str:
-    value = group.attrs.get(name, '')
+def _attr_str(group: h5py.Group, name: str, source: str) -> str:
+    value = _string_attr(group, name, source) if name in group.attrs else ''
     return value.decode('utf8') if isinstance(value, bytes) else str(value)
+
+
+def _string_attr(group: h5py.Group, name: str, source: str) -> Any:
+    """The value of a string (or string array) attribute, refused unless HDF5 stores it as strings: a damaged
+    datatype message can turn a string into a variable-length sequence of garbage, which HDF5 crashes on.
+    Keras writes a layer without weights an empty float array, which has no values to read."""
+    attr = group.attrs.get_id(name)
+    space = attr.get_space()
+    empty = space.get_simple_extent_type() == h5py.h5s.NULL or space.get_simple_extent_npoints() == 0
+    if not isinstance(attr.get_type(), h5py.h5t.TypeStringID) and not empty:
+        raise KerasFileError(f'{source}: attribute {name!r} of {group.name} is not stored as strings; it is corrupt')
+    return group.attrs[name]
 
 
 # --- Keras 3 `.weights.h5` ---
@@ -252,7 +377,7 @@ def _read_keras3_group(h5: h5py.File, source: str, config_names: Optional[Dict[s
                        layer_order: Optional[LayerOrder]) -> LayerWeights:
     entries = list(_iter_keras3_entries(h5['layers'], 'layers'))
     unnamed = [key for key, vars_group in entries if 'name' not in vars_group.attrs]
-    names = {key: _attr_str(vars_group, 'name') for key, vars_group in entries if key not in unnamed}
+    names = {key: _attr_str(vars_group, 'name', source) for key, vars_group in entries if key not in unnamed}
     if unnamed:
         names.update(_recover_keras3_names(source, unnamed, config_names, layer_order))
     layers: LayerWeights = {}
@@ -382,7 +507,7 @@ def _read_keras_zip(path: Path, layer_order: Optional[LayerOrder]) -> KerasWeigh
         raise KerasFileError(f'{path} is a damaged .keras archive: {type(e).__name__}: {e}') from e
     try:
         with h5py.File(io.BytesIO(weights_bytes), 'r') as h5:
-            weights = _read_h5(h5, str(path), layer_order, config=config)
+            weights = _read_h5(h5, io.BytesIO(weights_bytes), str(path), layer_order, config=config)
     except KerasFileError:
         raise
     except H5PY_ERRORS as e:
