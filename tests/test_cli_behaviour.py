@@ -74,7 +74,7 @@ def test_missing_checkpoint_path_says_so(tmp_path, capsys):
 
 
 def test_help_shows_defaults():
-    for command in ('evaluate', 'predict', 'export'):
+    for command in ('evaluate', 'predict', 'export', 'convert', 'demo'):
         parser = build_parser()._subparsers._group_actions[0].choices[command]
         text = parser.format_help()
         for action in parser._actions:

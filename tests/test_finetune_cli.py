@@ -222,6 +222,7 @@ def test_init_refuses_another_model_and_an_unsafe_pickle_in_one_line(split_root,
     assert main(['finetune', '--data', str(split_root), '--out', str(out), '--init', str(unsafe)]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'weights_only=True' in err and 'Traceback' not in err, err
+    assert f"torch.save({{'arch': c['arch'], 'state_dict': c['state_dict']}}, '{unsafe}.clean.pth.tar')" in err, err
     assert not out.exists()
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..argtypes import image_size, non_negative_int, positive_int
+from ..argtypes import DefaultsHelpFormatter, image_size, non_negative_int, positive_int
 from .data import find_layout
 from .evaluate import evaluate_folder, format_report
 from .finetune import finetune_args, output_lines, run_finetune
@@ -135,13 +135,14 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser('demo', help='fine-tune, evaluate and predict end to end in about two minutes on a CPU',
+    parser = sub.add_parser('demo', help='fine-tune, evaluate and predict end to end in about three minutes on a CPU',
+                            formatter_class=DefaultsHelpFormatter,
                             description='Fine-tune resnet50v2_keras briefly on a synthetic 4-class image set (or on '
                                         '--data), then evaluate and predict, printing where every output is.')
     parser.add_argument('--data', help='real photos: class folders, or train/ [val/] [test/] folders of them')
     parser.add_argument('--out', help='output folder, new or empty (default: a new temporary folder)')
-    parser.add_argument('--img-size', type=image_size, default=48)
-    parser.add_argument('--epochs', type=positive_int, default=6)
-    parser.add_argument('--batch-size', type=positive_int, default=16)
-    parser.add_argument('--seed', type=non_negative_int, default=0)
+    parser.add_argument('--img-size', type=image_size, default=48, help='training and evaluation image size (px)')
+    parser.add_argument('--epochs', type=positive_int, default=6, help='fine-tuning epochs')
+    parser.add_argument('--batch-size', type=positive_int, default=16, help='images per step')
+    parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the data, split and training')
     parser.set_defaults(func=run_demo)

@@ -167,8 +167,11 @@ def load_timm_checkpoint(path: PathLike) -> torch.nn.Module:
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ResNetV2ZooError(f'{path}: not a checkpoint that loads safely with torch.load(weights_only=True) '
-                               f'({reason}); nothing from it is run') from None
+        raise ResNetV2ZooError(
+            f'{path}: not a checkpoint that loads safely with torch.load(weights_only=True) ({reason}); nothing from '
+            f'it is run. If you trust the file, rewrite it weights-only with: python -c "import torch; '
+            f"c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save({{'arch': c['arch'], 'state_dict': c['state_dict']}}, '{path}.clean.pth.tar')\"") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
         raise ResNetV2ZooError(f"{path}: expected a timm train.py checkpoint, a dict with 'state_dict' and 'arch'")
     arch = checkpoint.get('arch')

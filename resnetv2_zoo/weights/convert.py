@@ -23,6 +23,7 @@ import torch
 from timm.models import adapt_input_conv
 
 from .. import __version__
+from ..argtypes import DefaultsHelpFormatter
 from ..errors import KerasFileError, ResNetV2ZooError
 from ..keras.files import KerasWeights, file_hexdigest, read_keras_weights
 from ..keras.spec import (
@@ -405,6 +406,7 @@ def read_labels(path: PathLike) -> List[str]:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         'convert', help='convert a Keras ResNet or ResNetV2 checkpoint to a timm model directory',
+        formatter_class=DefaultsHelpFormatter,
         description='Convert a Keras ResNet50/101/152 or ResNet50V2/101V2/152V2 checkpoint (legacy .h5, .weights.h5, '
                     '.keras or a TF.js layers model folder; '
                     'a Keras 2 TensorFlow checkpoint or SavedModel directory) '
@@ -417,7 +419,7 @@ def register(subparsers: Any) -> None:
                         help='output directory (or .safetensors file with --single-file); an existing one is '
                              'replaced only if resnetv2-zoo wrote it (or it is an empty directory)')
     parser.add_argument('--arch', default='auto', choices=('auto', *ARCHS),
-                        help='expected architecture (default: detected from the file)')
+                        help='expected architecture; auto: detected from the file')
     parser.add_argument('--labels', type=Path, help='text file with one class name per line')
     parser.add_argument('--single-file', action='store_true', help='write one self-describing .safetensors file')
     parser.add_argument('--allow-nonfinite', action='store_true',
