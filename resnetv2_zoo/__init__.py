@@ -6,12 +6,10 @@ Layers, one way: `cli` -> `train` -> `weights` -> `keras` (spec, files), and `we
 __version__ = '0.1.0'
 
 from .models.resnet_keras import ResNetKeras  # noqa: E402  (registers the v1 models)
-from .models.resnet_keras import set_pretrained_hook as set_v1_pretrained_hook  # noqa: E402
 from .models.resnetv2_keras import ResNetV2Keras, set_pretrained_hook  # noqa: E402  (registers the models)
 from .weights.pretrained import pretrained_kwargs  # noqa: E402
 
-set_pretrained_hook(pretrained_kwargs)
-set_v1_pretrained_hook(pretrained_kwargs)
+set_pretrained_hook(pretrained_kwargs)  # both model families
 
 # The Python API (see `api.py`), loaded on first use so that `import resnetv2_zoo` only registers the models.
 _API_NAMES = ('convert', 'decode_predictions', 'demo', 'evaluate', 'export', 'finetune', 'load_model',

@@ -18,7 +18,7 @@ Module names follow `resnetv2_keras` (`stem`, `stages.N.blocks.M`, `head.fc`) so
 and timm's pretrained-cfg handling treat both families alike; `keras.spec` maps each to its Keras layer.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,13 +28,18 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from .._timm_compat import feature_take_indices
 from ..keras.spec import KERAS_RESNETS
 from .keras_weights import keras_weights_url
-from .resnetv2_keras import _IMAGENET_LABEL_NAMES, ZeroPadMaxPool2d, _check_args
+from .resnetv2_keras import (
+    _IMAGENET_LABEL_NAMES,
+    BN_EPS,
+    BN_MOMENTUM,
+    EXPANSION,
+    ZeroPadMaxPool2d,
+    _check_args,
+    with_pretrained_weights,
+)
 
 __all__ = ['ResNetKeras', 'KERAS_CAFFE_MEAN', 'KERAS_CAFFE_STD']
 
-BN_EPS = 1.001e-5
-BN_MOMENTUM = 0.01  # Keras momentum 0.99
-EXPANSION = 4
 STAGE_STRIDES = (1, 2, 2, 2)  # Keras `stride1` of conv2..conv5, applied by each stage's first block
 # Keras `preprocess_input(mode='caffe')` subtracts the BGR means (103.939, 116.779, 123.68) from 0-255 BGR input;
 # in timm's convention (0-1 RGB input, (x - mean) / std) that is these, once the stem conv takes RGB.
@@ -289,19 +294,9 @@ class ResNetKeras(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# `pretrained=True` hook, set by `resnetv2_zoo/__init__.py` as for the V2 models (see `resnetv2_keras`).
-_pretrained_kwargs: Optional[Callable[[str, Dict[str, Any]], Dict[str, Any]]] = None
-
-
-def set_pretrained_hook(hook: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> None:
-    """Install the function that points a `pretrained=True` request at converted Keras weights."""
-    global _pretrained_kwargs
-    _pretrained_kwargs = hook
-
-
 def _create_resnet_keras(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetKeras:
-    if pretrained and _pretrained_kwargs is not None:
-        kwargs = _pretrained_kwargs(variant, kwargs)
+    if pretrained:
+        kwargs = with_pretrained_weights(variant, kwargs)
     return build_model_with_cfg(
         ResNetKeras, variant, pretrained,
         layers=KERAS_RESNETS[variant].block_counts,

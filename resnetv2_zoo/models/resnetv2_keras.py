@@ -348,9 +348,14 @@ def set_pretrained_hook(hook: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -
     _pretrained_kwargs = hook
 
 
+def with_pretrained_weights(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """`kwargs` pointed at the converted Keras weights of `variant` by the hook (both model families use it)."""
+    return _pretrained_kwargs(variant, kwargs) if _pretrained_kwargs is not None else kwargs
+
+
 def _create_resnetv2_keras(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetV2Keras:
-    if pretrained and _pretrained_kwargs is not None:
-        kwargs = _pretrained_kwargs(variant, kwargs)
+    if pretrained:
+        kwargs = with_pretrained_weights(variant, kwargs)
     return build_model_with_cfg(
         ResNetV2Keras, variant, pretrained,
         layers=KERAS_RESNETS[variant].block_counts,
