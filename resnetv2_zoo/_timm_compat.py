@@ -103,7 +103,9 @@ def _save_config(model: torch.nn.Module, config_path: Path, model_config: Dict[s
     if isinstance(global_pool, str) and global_pool:
         hf_config['global_pool'] = global_pool
     # what timm >= 1.0.31 records so that the model is rebuilt as it is now (the top-level keys are informational)
-    model_args = {'in_chans': getattr(model, 'in_chans', None), 'global_pool': global_pool}
+    model_args = {k: v for k, v in getattr(model, '_model_args', {}).items() if not k.endswith('drop_rate')}
+    model_args.update({'in_chans': getattr(model, 'in_chans', None), 'global_pool': global_pool,
+                       'num_classes': model.num_classes})
     model_args = {k: v for k, v in model_args.items() if v is not None}
     if model_args:
         hf_config['model_args'] = model_args

@@ -14,6 +14,7 @@ Keras, through the model object it is handed. Formats:
 """
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -65,6 +66,9 @@ class KerasWeights:
     source: str  # the file path, or a description of a live model, for messages
     source_format: str
     keras_version: str = 'unknown'
+    # the model's architecture, {'class_name': ..., 'config': ...}, where the file has one (`.keras` config.json,
+    # a full-model `.h5`'s `model_config`, a live model); read by `keras.architecture`
+    model_config: Optional[Dict[str, Any]] = None
 
 
 def read_keras_weights(
@@ -127,9 +131,13 @@ def _read_h5(h5: h5py.File, raw: BinaryIO, source: str, layer_order: Optional[La
                             _attr_str(h5, 'keras_version', source) or 'unknown')
     if 'model_weights' in h5:
         group = h5['model_weights']
+        model_config = None
+        if 'model_config' in h5.attrs:
+            text = _attr_str(h5, 'model_config', source)
+            model_config = load_json(text.encode('utf8'), f'{source}: model_config') if text else None
         return KerasWeights(_read_legacy_group(group, source), source, 'legacy_h5_model',
                             _attr_str(h5, 'keras_version', source) or _attr_str(group, 'keras_version', source)
-                            or 'unknown')
+                            or 'unknown', model_config)
     if 'layers' in h5:
         names = _keras3_names_from_config(config) if config is not None else None
         return KerasWeights(_read_keras3_group(h5, source, names, layer_order), source, 'weights_h5')
@@ -514,6 +522,7 @@ def _read_keras_zip(path: Path, layer_order: Optional[LayerOrder]) -> KerasWeigh
         raise KerasFileError(f'{path}: model.weights.h5 in the archive is corrupt: {type(e).__name__}: {e}') from e
     weights.source_format = 'keras_zip'
     weights.keras_version = keras_version
+    weights.model_config = config
     return weights
 
 
@@ -535,8 +544,8 @@ def _check_zip_members(path: Path, members: Iterable[zipfile.ZipInfo]) -> None:
 # --- TensorFlow.js layers model ---
 
 def _read_tfjs(path: Path) -> KerasWeights:
-    layers, source, keras_version = read_tfjs_layers(path)
-    return KerasWeights(layers, source, 'tfjs_layers', keras_version)
+    layers, source, keras_version, model_config = read_tfjs_layers(path)
+    return KerasWeights(layers, source, 'tfjs_layers', keras_version, model_config)
 
 
 # --- live model ---
@@ -554,7 +563,12 @@ def _read_live_model(model: Any) -> KerasWeights:
         for variable in layer.weights:
             var = variable.name.split('/')[-1].split(':')[0]
             _add(layers, source, layer.name, var, _as_float32(np.asarray(variable.numpy()), source, layer.name, var))
-    return KerasWeights(layers, source, 'live_model', keras.__version__)
+    model_config = None
+    if type(model).__name__ in ('Functional', 'Sequential'):  # a subclassed model has no config: weights only
+        # through JSON, as a saved file has it: tuples become lists
+        model_config = json.loads(json.dumps({'class_name': type(model).__name__, 'config': model.get_config()},
+                                             default=str))
+    return KerasWeights(layers, source, 'live_model', keras.__version__, model_config)
 
 
 def _flat_layers(model: Any) -> Iterator[Any]:

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/resnet/'
 
@@ -249,3 +250,36 @@ def iter_tensor_names(layer: str, family: str = 'v2') -> Iterator[Tuple[str, str
     module = module_for_layer(layer, family)
     for keras_var, torch_var in layer_vars(layer, family).items():
         yield keras_var, f'{module}.{torch_var}'
+
+
+# --- input preprocessing ---
+# How the pixels were prepared for the Keras model, as `keras.applications.*.preprocess_input` modes plus the two
+# a model trained from an image folder sees: each maps RGB 0-255 pixels x to the model input x * scale + offset per
+# channel, in the model's channel order (BGR for 'caffe').
+PREPROCESS_MODES = ('tf', 'torch', 'caffe', 'raw', 'unit')
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def preprocess_affine(mode: str) -> Tuple[Tuple[float, ...], Tuple[float, ...], bool]:
+    """(scale, offset, bgr) of a preprocessing mode:
+
+    tf: x / 127.5 - 1 (resnet_v2); torch: (x / 255 - ImageNet mean) / std; caffe: BGR, x - ImageNet BGR mean
+    (resnet v1); raw: x (`image_dataset_from_directory` pixels); unit: x / 255 (`Rescaling(1/255)` outside).
+    """
+    if mode == 'tf':
+        return (1 / 127.5,) * 3, (-1.0,) * 3, False
+    if mode == 'torch':
+        scale = tuple(1 / (255 * s) for s in IMAGENET_DEFAULT_STD)
+        return scale, tuple(-m / s for m, s in zip(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)), False
+    if mode == 'caffe':
+        return (1.0,) * 3, tuple(-m for m in _CAFFE_BGR_MEAN), True
+    if mode == 'raw':
+        return (1.0,) * 3, (0.0,) * 3, False
+    if mode == 'unit':
+        return (1 / 255,) * 3, (0.0,) * 3, False
+    raise ValueError(f'unknown preprocessing {mode!r}; expected one of {", ".join(PREPROCESS_MODES)}')
+
+
+def default_preprocess(family: str) -> str:
+    """The preprocessing of the official weights: 'tf' for ResNetV2, 'caffe' for ResNet (v1)."""
+    return 'tf' if family == 'v2' else 'caffe'

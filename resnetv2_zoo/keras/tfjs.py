@@ -14,7 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -36,8 +36,9 @@ def is_tfjs_path(path: PathLike) -> bool:
     return (path.is_dir() and (path / MODEL_JSON).is_file()) or path.suffix.lower() == '.json'
 
 
-def read_tfjs_layers(path: PathLike) -> Tuple[LayerWeights, str, str]:
-    """Read a TF.js layers model's weights: `({layer: {variable: float32 array}}, model.json path, keras version)`.
+def read_tfjs_layers(path: PathLike) -> Tuple[LayerWeights, str, str, Optional[Dict[str, Any]]]:
+    """Read a TF.js layers model: `({layer: {variable: float32 array}}, model.json path, keras version,
+    the Keras model config in its topology or None)`.
 
     Args:
         path: the model's folder, or its `model.json`.
@@ -84,7 +85,8 @@ def read_tfjs_layers(path: PathLike) -> Tuple[LayerWeights, str, str]:
             layer_vars[var] = value.astype(np.float32)  # native byte order, writable, its own memory
     topology = model.get('modelTopology')
     keras_version = str(topology.get('keras_version', 'unknown')) if isinstance(topology, dict) else 'unknown'
-    return layers, source, keras_version
+    model_config = topology.get('model_config') if isinstance(topology, dict) else None
+    return layers, source, keras_version, model_config if isinstance(model_config, dict) else None
 
 
 def _check_group(source: str, index: int, group: Any) -> Tuple[List[str], List[Tuple[str, Tuple[int, ...], int]]]:

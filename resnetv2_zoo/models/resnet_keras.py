@@ -22,11 +22,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, calculate_drop_path_rates
+from timm.layers import BatchNormAct2d, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from .._timm_compat import feature_take_indices
 from ..keras.spec import KERAS_RESNETS
+from .keras_head import create_keras_head
 from .keras_weights import keras_weights_url
 from .resnetv2_keras import (
     _IMAGENET_LABEL_NAMES,
@@ -35,6 +36,7 @@ from .resnetv2_keras import (
     EXPANSION,
     ZeroPadMaxPool2d,
     _check_args,
+    set_bn_eps,
     with_pretrained_weights,
 )
 
@@ -146,6 +148,9 @@ class ResNetKeras(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = False,
+            bn_eps: float = BN_EPS,
+            head_hidden: Sequence[int] = (),
+            head_act: Union[str, Sequence[str]] = 'relu',
     ):
         """
         Args:
@@ -157,6 +162,7 @@ class ResNetKeras(nn.Module):
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, rising linearly over all blocks to this rate.
             zero_init_last: zero each block's last BN scale at init (timm's option; Keras does not).
+            bn_eps, head_hidden, head_act: as in `ResNetV2Keras` (BatchNorm epsilon, a hidden-layer Keras head).
         """
         super().__init__()
         _check_args(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool)
@@ -187,8 +193,9 @@ class ResNetKeras(nn.Module):
 
         self.num_taps = len(self.feature_info)
         self.num_features = prev_chs
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = create_keras_head(self.num_features, num_classes, global_pool, drop_rate, head_hidden, head_act)
         self.head_hidden_size = self.head.num_features
+        set_bn_eps(self, bn_eps)
         self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore

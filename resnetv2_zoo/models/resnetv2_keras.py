@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, ImageNetInfo
-from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, calculate_drop_path_rates
+from timm.layers import BatchNormAct2d, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from .._timm_compat import feature_take_indices
 from ..keras.spec import KERAS_RESNETS
+from .keras_head import create_keras_head
 from .keras_weights import keras_weights_url
 
 __all__ = ['ResNetV2Keras', 'GLOBAL_POOL_TYPES']
@@ -153,6 +154,9 @@ class ResNetV2Keras(nn.Module):
             stem_chs: int = 64,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            bn_eps: float = BN_EPS,
+            head_hidden: Sequence[int] = (),
+            head_act: Union[str, Sequence[str]] = 'relu',
     ):
         """
         Args:
@@ -163,6 +167,10 @@ class ResNetV2Keras(nn.Module):
             global_pool: one of GLOBAL_POOL_TYPES ('' like Keras `pooling=None`, 'avg', 'max', ...).
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, rising linearly over all blocks to this rate.
+            bn_eps: every BatchNorm's epsilon (Keras's `BatchNormalization` default is 1e-3; the applications
+                use 1.001e-5), so that models built by hand in Keras convert exactly.
+            head_hidden: widths of hidden Dense layers between pooling and the classifier (a Keras MLP head).
+            head_act: their activation(s): linear, relu, sigmoid, tanh or softmax.
         """
         super().__init__()
         _check_args(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool)
@@ -197,8 +205,9 @@ class ResNetV2Keras(nn.Module):
 
         self.num_features = prev_chs
         self.norm = BatchNormReLU(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = create_keras_head(self.num_features, num_classes, global_pool, drop_rate, head_hidden, head_act)
         self.head_hidden_size = self.head.num_features
+        set_bn_eps(self, bn_eps)
         self.init_weights()
 
     @torch.jit.ignore
@@ -324,6 +333,15 @@ class ResNetV2Keras(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def set_bn_eps(model: nn.Module, eps: float) -> None:
+    """Give every BatchNorm of `model` the epsilon `eps` (one Keras model uses one value; see the converter)."""
+    if not eps > 0:
+        raise ValueError(f'bn_eps must be > 0, got {eps}.')
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = eps
 
 
 def _check_args(num_classes: int = 0, in_chans: int = 1, global_pool: Optional[str] = None) -> None:

@@ -20,11 +20,12 @@ from timm.data import create_transform, resolve_data_config
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from ..errors import ResNetV2ZooError
+from .keras_pipeline import KERAS_IMAGE_EXTENSIONS, KerasImageTransform, check_pipeline, keras_subsets
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'DataSplits', 'FolderScan', 'ImageCheck', 'ImageSamples', 'load_rgb', 'to_rgb', 'check_images',
     'scan_image_folder', 'scan_labelled_folder', 'stratified_split', 'DataLayout', 'find_layout', 'load_splits',
-    'data_config_for', 'build_transforms', 'image_files_under',
+    'data_config_for', 'build_transforms', 'image_files_under', 'SPLITS', 'scan_keras_split',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # Extra train-time augmentation on top of timm's defaults: a fine-tune set is small, so crops stay large.
 TRAIN_CROP_SCALE = (0.35, 1.0)
 TRAIN_COLOR_JITTER = 0.2
+# How `--val-split` splits a folder: our seeded per-class split, or exactly Keras's `validation_split`.
+SPLITS = ('stratified', 'keras')
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -187,6 +190,44 @@ def _scan(root: str, classes: List[str], class_to_idx: Mapping[str, int]) -> Fol
     return FolderScan(classes, samples, check.skipped, check.animated)
 
 
+def scan_keras_split(root: PathLike, val_split: float, seed: int, class_to_idx: Optional[Mapping[str, int]] = None,
+                     owner: str = 'the model') -> Tuple[FolderScan, FolderScan]:
+    """(training, validation) of `root` exactly as `image_dataset_from_directory(root, validation_split=val_split,
+    subset=..., seed=seed)` takes them (see `keras_pipeline.keras_subsets`), each in Keras's order.
+
+    Targets are the class indices of Keras's sorted class folders, or `class_to_idx[folder]` (a checkpoint's
+    classes; `owner` names it) when given. Every file is decode-checked once: one Keras would fail on is
+    skipped with a warning, after the split, so the readable files keep Keras's lists.
+    """
+    subsets, classes = keras_subsets(root, val_split, seed)
+    if class_to_idx is None:
+        if len(classes) < 2:
+            raise ResNetV2ZooError(
+                f'{root} has {len(classes)} class folder(s) ({", ".join(classes) or "none"}); a classifier needs at '
+                f'least 2: lay it out as {root}/<class name>/<image files>')
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+    else:
+        unknown = [name for name in classes if name not in class_to_idx]
+        if unknown:
+            raise ResNetV2ZooError(f'{root} has class folders {unknown} that {owner} does not know')
+    check = check_images([path for paths, _ in subsets.values() for path in paths])
+    readable, animated = set(check.readable), set(check.animated)
+    skipped = dict(check.skipped)
+    empty = sorted(set(classes) - {classes[label] for paths, labels in subsets.values()
+                                   for path, label in zip(paths, labels) if path in readable})
+    if empty:
+        raise ResNetV2ZooError(
+            f'class folder(s) {", ".join(os.path.join(os.fspath(root), c) for c in empty)} hold no readable image '
+            f'of the types Keras lists ({", ".join(KERAS_IMAGE_EXTENSIONS)}); add images or remove the folder')
+    scans = []
+    for paths, labels in subsets.values():
+        scans.append(FolderScan(
+            list(classes), [(path, class_to_idx[classes[label]]) for path, label in zip(paths, labels)
+                            if path in readable],
+            [(path, skipped[path]) for path in paths if path in skipped], [path for path in paths if path in animated]))
+    return scans[0], scans[1]
+
+
 def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
     """Seeded per-class split: each class gives round(n * val_fraction) images (at least one if n >= 2) to val."""
     if not 0.0 < val_fraction < 1.0:
@@ -282,10 +323,27 @@ def find_layout(data: PathLike, val_data: Optional[PathLike] = None) -> DataLayo
 
 
 def load_splits(data: PathLike, val_data: Optional[PathLike] = None, val_split: float = 0.2,
-                seed: int = 0) -> DataSplits:
+                seed: int = 0, split: str = 'stratified') -> DataSplits:
     """Training and validation samples of `data` (see `find_layout`): a validation folder if there is one, else a
-    seeded stratified split of the training images."""
+    seeded split of the training images: `split='stratified'` per class, `split='keras'` exactly as
+    `image_dataset_from_directory(validation_split=val_split, subset=..., seed=seed)` splits (Keras's file
+    types only)."""
+    if split not in SPLITS:
+        raise ResNetV2ZooError(f'--split {split}: expected one of {", ".join(SPLITS)}')
     layout = find_layout(data, val_data)
+    if split == 'keras':
+        if layout.val is not None:
+            raise ResNetV2ZooError(
+                f'--split keras splits one folder as Keras\'s validation_split does, but {layout.description}: '
+                f'nothing is split. Drop --split keras, or give --data the one folder of class folders to split')
+        train, val = scan_keras_split(layout.train, val_split, seed)
+        test = FolderScan(train.classes, [])
+        if layout.test is not None:
+            test = scan_labelled_folder(layout.test, {name: i for i, name in enumerate(train.classes)},
+                                        owner=f'the training set ({layout.train})')
+        layout.description += f' (split as Keras: validation_split={val_split}, seed={seed})'
+        return DataSplits(train.classes, train.samples, val.samples, train.skipped + val.skipped + test.skipped,
+                          train.animated + val.animated + test.animated, layout, test.samples)
     scan = scan_image_folder(layout.train)
     test = FolderScan(scan.classes, [])
     if layout.test is not None:  # checked now, not after training: any subset of the training classes
@@ -301,7 +359,11 @@ def load_splits(data: PathLike, val_data: Optional[PathLike] = None, val_split: 
 
 
 class ImageSamples(torch.utils.data.Dataset):
-    """(path, class index) pairs, loaded as RGB and transformed."""
+    """(path, class index) pairs, loaded as RGB and transformed.
+
+    A transform with a `load(path)` method reads the file itself (the Keras pipeline decodes as TensorFlow
+    does); otherwise `load_rgb` reads it.
+    """
 
     def __init__(self, samples: Sequence[Sample], transform: Optional[Any] = None):
         self.samples = list(samples)
@@ -312,7 +374,7 @@ class ImageSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         path, target = self.samples[index]
-        img = load_rgb(path)
+        img = getattr(self.transform, 'load', load_rgb)(path)
         return (self.transform(img) if self.transform is not None else img), target
 
 
@@ -324,10 +386,19 @@ def data_config_for(model: torch.nn.Module, img_size: Optional[int] = None) -> D
     return config
 
 
-def build_transforms(model: torch.nn.Module, img_size: Optional[int] = None, augment: bool = True) -> Tuple[Any, Any]:
-    """(train, eval) transforms; without `augment` training sees exactly what evaluation sees."""
+def build_transforms(model: torch.nn.Module, img_size: Optional[int] = None, augment: bool = True,
+                     pipeline: str = 'timm') -> Tuple[Any, Any]:
+    """(train, eval) transforms; without `augment` training sees exactly what evaluation sees.
+
+    `pipeline='keras'` evaluates on `image_dataset_from_directory`'s pixels (`keras_pipeline`), squashed to the
+    input size, with the model's mean/std; training then sees the same without `augment`, timm's augmentation
+    with it.
+    """
     config = data_config_for(model, img_size)
-    eval_transform = create_transform(**config)
+    if check_pipeline(pipeline) == 'keras':
+        eval_transform = KerasImageTransform(config['input_size'][-2:], config['mean'], config['std'])
+    else:
+        eval_transform = create_transform(**config)
     if not augment:
         return eval_transform, eval_transform
     train_transform = create_transform(**config, is_training=True, scale=TRAIN_CROP_SCALE,

@@ -2,6 +2,9 @@
 
 The held-out folder may hold any subset of the checkpoint's classes (one included): each folder name is
 mapped to the checkpoint's class index. Nothing is written unless `--plot PATH` asks for the figure.
+`--split keras --val-split F --seed N --subset validation` evaluates exactly the files Keras's
+`image_dataset_from_directory(validation_split=F, subset='validation', seed=N)` takes, and `--pipeline keras`
+feeds the model its pixels: Keras and PyTorch can then be compared on the same validation images.
 `evaluate()` is the Python API (`resnetv2_zoo.evaluate`); the command is a thin layer over it.
 """
 import argparse
@@ -17,7 +20,8 @@ from timm.utils import natural_key
 
 from ..argtypes import DefaultsHelpFormatter, image_size, non_negative_int, optional_path, positive_int
 from ..errors import ResNetV2ZooError
-from .data import _class_folders, build_transforms, scan_labelled_folder
+from .data import _class_folders, build_transforms, scan_keras_split, scan_labelled_folder
+from .keras_pipeline import KERAS_SUBSETS, PIPELINE_HELP, PIPELINES, check_pipeline
 from .runtime import (
     AMP_CHOICES,
     check_checkpoint,
@@ -32,6 +36,19 @@ from .runtime import (
 __all__ = ['ClassReport', 'Report', 'classification_report', 'format_report', 'evaluate', 'evaluate_folder']
 
 _logger = logging.getLogger(__name__)
+# evaluate --split: the whole folder, or one subset of Keras's validation_split
+EVALUATE_SPLITS = ('all', 'keras')
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a validation fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f'expected a number between 0 and 1, got {value}')
+    return value
 
 
 @dataclass
@@ -138,7 +155,8 @@ def _unnamed_class_index(model: torch.nn.Module, data: str, checkpoint: str) -> 
 
 def evaluate(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0, img_size: Optional[int] = None,
              device: Optional[str] = None, amp: str = 'auto', optimize: bool = True, progress: bool = False,
-             plot: Optional[str] = None) -> Report:
+             plot: Optional[str] = None, pipeline: str = 'timm', split: str = 'all', val_split: Optional[float] = None,
+             seed: Optional[int] = None, subset: str = 'validation') -> Report:
     """Evaluate a checkpoint on an ImageFolder tree whose class folders are some or all of its classes.
 
     Args:
@@ -153,11 +171,18 @@ def evaluate(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0,
             `models.optimize`), the same function up to float32 round-off; False runs the model as loaded.
         progress: a progress bar on stderr when there is more than one batch.
         plot: also write the confusion matrix as a PNG to this path (checked before any work).
+        pipeline: 'timm' (the model's resize, centre crop, mean/std) or 'keras' (image_dataset_from_directory's
+            pixels: squashed to `img_size` with bilinear resizing, no antialiasing, no crop; the model's mean/std).
+        split: 'all' (every image of `data`) or 'keras': only the `subset` ('validation' or 'training') that
+            `image_dataset_from_directory(data, validation_split=val_split, subset=subset, seed=seed)` takes,
+            in its order (`val_split` and `seed` are then required).
 
     Returns:
         A `Report`: accuracy, per-class precision/recall/F1/support, confusion matrix, skipped files.
     """
     check_checkpoint(checkpoint)
+    pipeline = check_pipeline(pipeline)
+    check_split_options(split, val_split, seed, subset)
     plot_path = check_plot_path(plot) if plot else None  # before the work, so a bad path costs nothing
     torch_device = pick_device(device)
     dtype = resolve_amp(torch_device, amp)
@@ -172,8 +197,12 @@ def evaluate(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0,
         if shared:
             raise ResNetV2ZooError(f'{data}: class folder name(s) {shared} (name: class indices) name more than one '
                                    f'class of {checkpoint}; rename each to the class id the checkpoint uses for it')
-    scan = scan_labelled_folder(data, index, owner=checkpoint)
-    transform = build_transforms(model, img_size, augment=False)[1]
+    if split == 'keras':
+        subsets = scan_keras_split(data, val_split, seed, index, owner=checkpoint)
+        scan = subsets[KERAS_SUBSETS.index(subset)]
+    else:
+        scan = scan_labelled_folder(data, index, owner=checkpoint)
+    transform = build_transforms(model, img_size, augment=False, pipeline=pipeline)[1]
     logits, targets = predict_samples(prepare_for_inference(model, torch_device, optimize), scan.samples, transform,
                                       torch_device, batch_size=batch_size, workers=workers, progress=progress,
                                       amp=dtype)
@@ -192,6 +221,20 @@ def evaluate_folder(checkpoint: str, data: str, batch_size: int = 32, workers: i
     """`evaluate` under its earlier name."""
     return evaluate(checkpoint, data, batch_size=batch_size, workers=workers, img_size=img_size, progress=progress,
                     **options)
+
+
+def check_split_options(split: str, val_split: Optional[float], seed: Optional[int], subset: str) -> None:
+    """`--split keras` needs Keras's `validation_split` and `seed`; they mean nothing without it."""
+    if split not in EVALUATE_SPLITS:
+        raise ResNetV2ZooError(f'--split {split}: expected one of {", ".join(EVALUATE_SPLITS)}')
+    if subset not in KERAS_SUBSETS:
+        raise ResNetV2ZooError(f'--subset {subset}: expected one of {", ".join(KERAS_SUBSETS)}')
+    if split == 'keras' and (val_split is None or seed is None):
+        raise ResNetV2ZooError('--split keras needs --val-split F and --seed N, the validation_split and seed given '
+                               'to image_dataset_from_directory (the Keras tutorial: --val-split 0.2 --seed 123)')
+    if split != 'keras' and (val_split is not None or seed is not None):
+        raise ResNetV2ZooError('--val-split and --seed choose a Keras validation split: add --split keras '
+                               '(without it the whole --data folder is evaluated)')
 
 
 def check_plot_path(path: str) -> Path:
@@ -216,7 +259,9 @@ def _is_png(path: Path) -> bool:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     report = evaluate(args.checkpoint, args.data, args.batch_size, args.workers, args.img_size, device=args.device,
-                      amp=args.amp, optimize=args.optimize, progress=args.progress, plot=args.plot)
+                      amp=args.amp, optimize=args.optimize, progress=args.progress, plot=args.plot,
+                      pipeline=args.pipeline, split=args.split, val_split=args.val_split, seed=args.seed,
+                      subset=args.subset)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -251,6 +296,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument('--batch-size', type=positive_int, default=32, help='images per batch')
     parser.add_argument('--workers', type=non_negative_int, default=0, help='DataLoader worker processes')
     parser.add_argument('--img-size', type=image_size, default=None, help="default: the checkpoint's input size")
+    parser.add_argument('--pipeline', choices=PIPELINES, default='timm', help=PIPELINE_HELP)
+    split = parser.add_argument_group('Keras validation split (image_dataset_from_directory)')
+    split.add_argument('--split', choices=EVALUATE_SPLITS, default='all',
+                       help='all: every image in --data; keras: only the --subset that image_dataset_from_directory('
+                            'DIR, validation_split=F, subset=..., seed=N) takes (its .bmp .gif .jpeg .jpg .png files)')
+    split.add_argument('--val-split', type=fraction, default=None, metavar='F',
+                       help='with --split keras: the validation_split given to Keras (the tutorial: 0.2)')
+    split.add_argument('--seed', type=non_negative_int, default=None, metavar='N',
+                       help='with --split keras: the seed given to Keras (the tutorial: 123)')
+    split.add_argument('--subset', choices=KERAS_SUBSETS, default='validation',
+                       help='with --split keras: which of the two subsets to evaluate')
     parser.add_argument('--plot', type=optional_path, default=None, metavar='PATH',
                         help='also write the confusion matrix as a PNG figure to PATH')
     parser.add_argument('--json', action='store_true', help='print the report as JSON')

@@ -37,8 +37,9 @@ from ..errors import ResNetV2ZooError, WeightsUnavailableError
 from ..weights.atomic import atomic_file
 from ..weights.checkpoint import README_NAME, inspect_checkpoint, load_model, save_model_dir, update_model_card
 from . import resume
-from .data import DataSplits, ImageSamples, build_transforms, data_config_for, load_splits
+from .data import SPLITS, DataSplits, ImageSamples, build_transforms, data_config_for, load_splits
 from .evaluate import ClassReport, Report, classification_report, format_report
+from .keras_pipeline import PIPELINE_HELP, PIPELINES, check_pipeline
 from .resume import RUN_FILES, Progress, ResumableSampler, plain_args
 from .runtime import (
     TIMM_CHECKPOINT_SUFFIXES,
@@ -68,7 +69,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 # Defaults of the other options. The parser leaves every option None unless given, so that `--resume` can
 # tell which flags were typed; `resolve_options` fills these in for a new run.
-DEFAULTS: Dict[str, Any] = dict(recipe='default', val_split=0.2, model='resnet50v2_keras', epochs=10, freeze_epochs=0,
+DEFAULTS: Dict[str, Any] = dict(recipe='default', val_split=0.2, split='stratified', pipeline='timm',
+                                model='resnet50v2_keras', epochs=10, freeze_epochs=0,
                                 bn_momentum=0.1, ema_decay=0.0, checkpoint_every=0, seed=0, compile=False,
                                 workers=0 if not torch.cuda.is_available() else min(8, os.cpu_count() or 1))
 METRIC_COLUMNS = ('epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'seconds', 'images_per_s')
@@ -211,7 +213,9 @@ def setup_run(args: argparse.Namespace, dist: argparse.Namespace, device: torch.
               resume_state: Optional[Dict[str, Any]] = None) -> Run:
     """Data, model, optimizer and schedule for `args`; continued from `resume_state` when given. Writes nothing."""
     random_seed(args.seed, dist.rank)
-    splits = load_splits(args.data, args.val_data, args.val_split, args.seed)
+    # runs saved before --split and --pipeline existed resume as they ran
+    splits = load_splits(args.data, args.val_data, args.val_split, args.seed,
+                         split=getattr(args, 'split', None) or 'stratified')
     if resume_state is not None and resume_state['classes'] != splits.classes:
         raise ResNetV2ZooError(f'{args.data} now has classes {splits.classes}, the run was started with '
                                f'{resume_state["classes"]}')
@@ -220,9 +224,14 @@ def setup_run(args: argparse.Namespace, dist: argparse.Namespace, device: torch.
     args.img_size = args.img_size or model.pretrained_cfg['input_size'][-1]
     # Saved checkpoints carry the resolution they were trained at, so evaluate/predict default to it.
     size = (3, args.img_size, args.img_size)
-    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=size, test_input_size=size)
+    # The fine-tuned model is not the weights it started from: no pretrained tag, no claim of their accuracy.
+    model.pretrained_cfg = model.default_cfg = dict(
+        model.pretrained_cfg, input_size=size, test_input_size=size, test_pool_size=None, tag=None, url=None,
+        hf_hub_id=None, notes=(f'Fine-tuned by resnetv2-zoo on the image folder {Path(args.data).name} from '
+                               f'{source}.',))
     model = prepare_for_device(model, device)
-    train_transform, eval_transform = build_transforms(model, args.img_size, args.augment)
+    train_transform, eval_transform = build_transforms(model, args.img_size, args.augment,
+                                                       pipeline=getattr(args, 'pipeline', None) or 'timm')
     steps_per_epoch = len(splits.train) // dist.world_size // args.batch_size
     if steps_per_epoch == 0:
         raise ResNetV2ZooError(f'{len(splits.train)} training images over {dist.world_size} process(es) do not fill '
@@ -546,7 +555,17 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                                      'and test/ gets the final report')
     data.add_argument('--val-data', help="validation images (same class folders); default: the root's val/, else "
                                          'split off the training images')
-    data.add_argument('--val-split', type=fraction, help='stratified validation fraction of --data (default 0.2)')
+    data.add_argument('--val-split', type=fraction,
+                      help='validation fraction split off --data when it has no validation folder (default 0.2)')
+    data.add_argument('--split', choices=SPLITS,
+                      help='how --val-split splits: stratified (each class in proportion, seeded by --seed) or keras '
+                           '(exactly the files image_dataset_from_directory(DIR, validation_split=F, subset=..., '
+                           'seed=N) takes, its .bmp .gif .jpeg .jpg .png only; --seed N is its seed) '
+                           '(default stratified)')
+    data.add_argument('--pipeline', choices=PIPELINES,
+                      help=f'{PIPELINE_HELP}, for validation, test and the report; training images get the keras '
+                           "pipeline too with --no-augment (as Keras's training dataset feeds them), timm's "
+                           'augmentation otherwise (default timm)')
     data.add_argument('--img-size', type=image_size, help="training resolution (default: the model's)")
     data.add_argument('--workers', type=non_negative_int,
                       help=f'DataLoader worker processes per rank (default {DEFAULTS["workers"]})')
@@ -613,6 +632,7 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in RECIPES[args.recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    check_pipeline(args.pipeline)  # e.g. --pipeline keras without simplejpeg: refused before any work
     for name in ('data', 'val_data', 'init'):  # absolute, so that a resume from another directory finds them
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))

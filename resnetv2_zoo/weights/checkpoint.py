@@ -101,6 +101,28 @@ def check_own_dir(path: Path) -> None:
         f'choose another output or remove it yourself')
 
 
+OUTPUT_ACTIVATIONS = ('linear', 'softmax', 'sigmoid')
+DATA_CONFIG_KEYS = ('input_size', 'mean', 'std')  # what a single weights file records of its pretrained cfg
+
+
+def output_activation(model: torch.nn.Module) -> str:
+    """How the model's logits become probabilities: 'softmax' (one class per image), 'sigmoid' (each class on its own,
+    a Keras model ending in Dense(..., 'sigmoid')) or 'linear' (a Keras model trained on logits: softmax applies)."""
+    return getattr(model, 'output_activation', 'softmax')
+
+
+def set_output_activation(model: torch.nn.Module, activation: str) -> None:
+    if activation not in OUTPUT_ACTIVATIONS:
+        raise ResNetV2ZooError(f'output activation {activation!r} is not one of {", ".join(OUTPUT_ACTIVATIONS)}')
+    model.output_activation = activation
+
+
+def model_args_of(model: torch.nn.Module) -> Dict[str, Any]:
+    """The constructor arguments that rebuild `model` (timm records them), the class count aside."""
+    return {k: v for k, v in getattr(model, '_model_args', {}).items()
+            if k not in ('num_classes', 'pretrained_cfg_overlay') and not k.endswith('drop_rate')}
+
+
 def weights_metadata(model: torch.nn.Module, label_names: Optional[Sequence[str]] = None,
                      extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """safetensors metadata (string to string) that makes the file self-describing."""
@@ -108,7 +130,12 @@ def weights_metadata(model: torch.nn.Module, label_names: Optional[Sequence[str]
         'format': 'pt',
         'architecture': model.pretrained_cfg['architecture'],
         'num_classes': str(model.num_classes),
+        'data_config': json.dumps({k: model.pretrained_cfg[k] for k in DATA_CONFIG_KEYS if k in model.pretrained_cfg}),
     }
+    if model_args_of(model):
+        metadata['model_args'] = json.dumps(model_args_of(model))
+    if output_activation(model) != 'softmax':
+        metadata['output_activation'] = output_activation(model)
     if label_names:
         metadata['label_names'] = json.dumps(list(label_names))
     metadata.update(extra or {})
@@ -157,6 +184,10 @@ def save_model_dir(model: torch.nn.Module, out_dir: PathLike, label_names: Optio
     if replaceable is not None and os.path.lexists(out_dir):
         replaceable(out_dir)
     model_config: Dict[str, Any] = {}
+    if output_activation(model) != 'softmax':
+        model_config['output_activation'] = output_activation(model)
+    if metadata and metadata.get('keras_conversion'):  # what the converter read and assumed (`convert_keras`)
+        model_config['keras_conversion'] = json.loads(metadata['keras_conversion'])
     if label_names:
         if len(label_names) != model.num_classes:
             raise ResNetV2ZooError(
@@ -193,6 +224,8 @@ class CheckpointInfo:
     num_classes: int
     model_args: Dict[str, Any]
     label_names: Optional[Tuple[str, ...]]
+    output_activation: str = 'softmax'
+    data_config: Optional[Dict[str, Any]] = None  # mean/std/input_size of a single weights file
 
 
 def load_model(path: PathLike, **kwargs: Any) -> torch.nn.Module:
@@ -209,12 +242,14 @@ def load_model(path: PathLike, **kwargs: Any) -> torch.nn.Module:
     if path.is_dir():
         model = _create(path, f'local-dir:{path}', kwargs)
     else:
-        overlay: Dict[str, Any] = dict(file=str(path), num_classes=info.num_classes)
+        overlay: Dict[str, Any] = dict(file=str(path), num_classes=info.num_classes, **(info.data_config or {}))
         if info.label_names is not None:
             overlay['label_names'] = info.label_names
         kwargs.setdefault('num_classes', info.num_classes)
-        model = _create(path, info.architecture, dict(kwargs, pretrained_cfg_overlay=overlay))
+        model = _create(path, info.architecture, dict(info.model_args, **kwargs, pretrained_cfg_overlay=overlay))
     _check_head_loaded(path, model, info)
+    if getattr(model, 'num_classes', None) == info.num_classes:  # a new head (`num_classes=`) is trained anew
+        set_output_activation(model, info.output_activation)
     return model
 
 
@@ -252,11 +287,19 @@ def inspect_checkpoint(path: PathLike) -> CheckpointInfo:
             raise ResNetV2ZooError(f'{where} says num_classes {num_classes} but {weights} metadata says '
                                    f'{metadata["num_classes"]}')
         label_names = config.get('label_names')
+        activation = config.get('output_activation', metadata.get('output_activation', 'softmax'))
+        data_config = None
     else:
         if not path.is_file():
             raise ResNetV2ZooError(f'no checkpoint at {path}')
-        weights, model_args = path, {}
+        weights = path
         metadata = _safetensors_metadata(path)
+        model_args = _metadata_json(metadata, 'model_args', path, dict) or {}
+        data_config = _metadata_json(metadata, 'data_config', path, dict)
+        if data_config is not None:
+            data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
+                           if k in DATA_CONFIG_KEYS}
+        activation = metadata.get('output_activation', 'softmax')
         if 'architecture' not in metadata:
             raise ResNetV2ZooError(f'{path} has no architecture in its metadata; load it with timm.create_model('
                                    f'arch, pretrained=True, pretrained_cfg_overlay=dict(file=...))')
@@ -274,8 +317,23 @@ def inspect_checkpoint(path: PathLike) -> CheckpointInfo:
         if len(label_names) != num_classes:
             raise ResNetV2ZooError(f'{where} has {len(label_names)} label names but num_classes {num_classes}')
         label_names = tuple(label_names)
+    if activation not in OUTPUT_ACTIVATIONS:
+        raise ResNetV2ZooError(f'{where} output_activation is {activation!r}, expected one of '
+                               f'{", ".join(OUTPUT_ACTIVATIONS)}')
     _check_tensors(weights, where, architecture, num_classes, model_args)
-    return CheckpointInfo(weights, architecture, num_classes, model_args, label_names)
+    return CheckpointInfo(weights, architecture, num_classes, model_args, label_names, activation, data_config)
+
+
+def _metadata_json(metadata: Dict[str, str], key: str, path: Path, kind: type) -> Any:
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except ValueError as e:
+        raise ResNetV2ZooError(f'{path} metadata {key} is not JSON ({e})') from e
+    if not isinstance(value, kind):
+        raise ResNetV2ZooError(f'{path} metadata {key} is a {type(value).__name__}, expected a {kind.__name__}')
+    return value
 
 
 def _read_config(path: Path) -> Dict[str, Any]:

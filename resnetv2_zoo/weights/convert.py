@@ -11,11 +11,13 @@ TensorFlow except `--verify` (and converting a live `keras.Model`, which the cal
 """
 import argparse
 import functools
+import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import timm
@@ -25,19 +27,29 @@ from timm.models import adapt_input_conv
 from .. import __version__
 from ..argtypes import DefaultsHelpFormatter
 from ..errors import KerasFileError, ResNetV2ZooError
+from ..keras.architecture import (
+    HIDDEN_ACTIVATIONS,
+    OUTPUT_ACTIVATIONS,
+    DenseLayer,
+    KerasArchitecture,
+    read_architecture,
+)
 from ..keras.files import KerasWeights, file_hexdigest, read_keras_weights
 from ..keras.spec import (
     KERAS_RESNETS,
+    PREPROCESS_MODES,
     canonical_layer_name,
+    default_preprocess,
     is_legacy_layer_name,
     iter_tensor_names,
     keras_class,
     keras_layer_names,
-    layer_vars,
     legacy_layer_name,
+    preprocess_affine,
     to_torch_layout,
 )
 from ..keras.tf_checkpoint import find_tf_format
+from ..models.resnetv2_keras import BN_EPS
 from .checkpoint import (
     check_own_dir,
     check_own_file,
@@ -45,6 +57,7 @@ from .checkpoint import (
     load_model,
     save_model_dir,
     save_weights_file,
+    set_output_activation,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -60,6 +73,30 @@ FAMILY_NAMES = {'v1': 'Keras ResNet (v1)', 'v2': 'Keras ResNetV2'}
 
 
 
+@dataclass(frozen=True)
+class KerasOptions:
+    """What a weights-only file cannot say about its model; each one also overrides what a full file declares.
+
+    None means: what the file declares, else the keras.applications default (said as assumed in `summary`).
+    """
+
+    bn_eps: Optional[float] = None  # every BatchNorm's epsilon: Keras's default 1e-3, the applications' 1.001e-5
+    pooling: Optional[str] = None  # 'avg' or 'max' (the base's `pooling=`, or the global pooling layer)
+    preprocess: Optional[str] = None  # the model's input as the pixels were prepared; one of PREPROCESS_MODES
+    hidden_act: Optional[str] = None  # activation of the Dense layers before the last
+    output_act: Optional[str] = None  # activation of the last Dense: linear, softmax or sigmoid
+
+    def __post_init__(self) -> None:
+        checks = (('pooling', self.pooling, ('avg', 'max')), ('preprocess', self.preprocess, PREPROCESS_MODES),
+                  ('hidden_act', self.hidden_act, HIDDEN_ACTIVATIONS),
+                  ('output_act', self.output_act, OUTPUT_ACTIVATIONS))
+        for name, value, allowed in checks:
+            if value is not None and value not in allowed:
+                raise ResNetV2ZooError(f'{name} {value!r} is not one of {", ".join(allowed)}')
+        if self.bn_eps is not None and not self.bn_eps > 0:
+            raise ResNetV2ZooError(f'bn_eps must be > 0, got {self.bn_eps}')
+
+
 @dataclass
 class ConvertedKeras:
     """A Keras checkpoint as a timm state dict, with what is needed to build and describe the model."""
@@ -68,11 +105,22 @@ class ConvertedKeras:
     num_classes: int  # 0 when the file has no top
     state_dict: Dict[str, torch.Tensor]  # views in Keras's memory order; see keras_names.to_torch_layout
     metadata: Dict[str, str]  # source_file, keras_version, converter_version, source_format
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm kwargs: bn_eps, global_pool, head_hidden, ...
+    pretrained_cfg: Dict[str, Any] = field(default_factory=dict)  # overrides of the default cfg: mean, std, ...
+    output_activation: str = 'softmax'  # the Keras model's last activation: linear, softmax or sigmoid
+    summary: str = ''  # one line: what was read from the file and what was assumed
+    record: Dict[str, Any] = field(default_factory=dict)  # the same, for config.json (`keras_conversion`)
 
 
-def convert_keras(source: Union[PathLike, Any], arch: str = 'auto', allow_nonfinite: bool = False) -> ConvertedKeras:
+def convert_keras(source: Union[PathLike, Any], arch: str = 'auto', allow_nonfinite: bool = False,
+                  options: Optional[KerasOptions] = None) -> ConvertedKeras:
     """Read a Keras ResNet (v1) or ResNetV2 file (legacy `.h5`, `.weights.h5`, `.keras`, a TF.js layers model
-    folder or its `model.json`) or a live `keras.Model`.
+    folder or its `model.json`, a Keras 2 TF checkpoint or SavedModel) or a live `keras.Model`.
+
+    Where the file declares its architecture (`.keras`, a full-model `.h5`, a live model) the model around
+    the ResNet is read from it (`keras.architecture`): BatchNorm epsilon, pooling, a Dense head of any depth,
+    input Rescaling/Normalization, the input size. A weights-only file takes them from `options`, else from
+    keras.applications' defaults; `summary` says which is which.
 
     Args:
         source: the file, or the model.
@@ -80,21 +128,232 @@ def convert_keras(source: Union[PathLike, Any], arch: str = 'auto', allow_nonfin
             file holds another one).
         allow_nonfinite: accept NaN and Inf values (refused by default: they are a damaged or diverged
             checkpoint, and would only show up later as NaN outputs).
+        options: what the file does not say, or overrides of what it says.
     """
     if arch != 'auto' and arch not in ARCHS:
         raise ResNetV2ZooError(f'unknown arch {arch!r}; expected auto or one of {", ".join(ARCHS)}')
+    options = options or KerasOptions()
     weights = read_keras_weights(source, layer_order=_weights_h5_layer_order)
     legacy_names = _canonicalize_layer_names(weights)
     arch = _detect_arch(weights, arch)
-    num_classes = _num_classes(weights)
-    state_dict = _assemble_state_dict(weights, arch, num_classes, allow_nonfinite, legacy_names=legacy_names)
+    spec = KERAS_RESNETS[arch]
+    declared = None
+    if weights.model_config is not None and not legacy_names:
+        declared = read_architecture(weights.model_config, spec.family, spec.block_counts, weights.source,
+                                     weights.layers)
+        for name in declared.weighted_input_layers:  # an adapted Normalization: folded into mean/std
+            weights.layers.pop(name, None)
+    model = _resolve_model(weights, arch, declared, options)
+    state_dict = _assemble_state_dict(weights, arch, model, allow_nonfinite, legacy_names=legacy_names)
+    official = _is_official(source, weights, arch, model, declared, options)
     metadata = {
         'source_file': Path(source).name if _is_file(source) else weights.source,
         'keras_version': weights.keras_version,
         'converter_version': __version__,
         'source_format': weights.source_format,
     }
-    return ConvertedKeras(arch, num_classes, state_dict, metadata)
+    return ConvertedKeras(arch, model.num_classes, state_dict, metadata, model.model_kwargs(),
+                          _pretrained_cfg(model, metadata['source_file'], official), model.output_act,
+                          model.summary(arch, weights), model.record())
+
+
+@dataclass
+class _ResolvedModel:
+    """The model to build: what the file declares, overridden by the options, else keras.applications' defaults.
+
+    `sources` says, per fact, where it came from: 'file', 'option' or 'assumed'.
+    """
+
+    family: str
+    bn_eps: float
+    pooling: str
+    dense: List[DenseLayer]  # Keras layer names and widths; the last is the classifier
+    output_act: str
+    preprocess: str
+    input_scale: Tuple[float, ...]  # the input layers of the file, composed (identity without them)
+    input_offset: Tuple[float, ...]
+    input_layers: List[str]
+    input_size: Optional[Tuple[int, int]]
+    dropout: float
+    sources: Dict[str, str]
+
+    @property
+    def num_classes(self) -> int:
+        return self.dense[-1].units if self.dense else 0
+
+    def head_layers(self) -> Dict[str, str]:
+        """Keras Dense layer -> the timm module holding it: hidden layers `head.hidden.N`, the last `head.fc`."""
+        prefixes = {layer.name: f'head.hidden.{2 * i}' for i, layer in enumerate(self.dense[:-1])}
+        if self.dense:
+            prefixes[self.dense[-1].name] = 'head.fc'
+        return prefixes
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {}
+        if self.bn_eps != BN_EPS:
+            kwargs['bn_eps'] = self.bn_eps
+        if self.pooling != 'avg':
+            kwargs['global_pool'] = self.pooling
+        if len(self.dense) > 1:
+            kwargs['head_hidden'] = [layer.units for layer in self.dense[:-1]]
+            kwargs['head_act'] = [layer.activation for layer in self.dense[:-1]]
+        if self.dropout:
+            kwargs['drop_rate'] = self.dropout
+        return kwargs
+
+    def mean_std(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """timm's mean/std (on 0-1 RGB input) that give the ResNet exactly the input Keras gave it.
+
+        Keras: base input = x255 * S + O per channel (preprocessing, then the file's input layers);
+        timm: (x255 / 255 - mean) / std; so std = 1 / (255 S) and mean = -O / (255 S), in RGB order.
+        """
+        scale, offset, bgr = preprocess_affine(self.preprocess)
+        total_scale = [p * a for p, a in zip(scale, self.input_scale)]
+        total_offset = [o * a + b for o, a, b in zip(offset, self.input_scale, self.input_offset)]
+        order = (2, 1, 0) if bgr else (0, 1, 2)  # the model's channel order -> RGB
+        if any(total_scale[c] == 0 for c in order):
+            raise ResNetV2ZooError('the input layers scale a channel by 0; such a model ignores its input')
+        std = tuple(1 / (255 * total_scale[c]) for c in order)
+        mean = tuple(-total_offset[c] / (255 * total_scale[c]) + 0.0 for c in order)  # + 0.0: no -0.0
+        return mean, std
+
+    def describe_head(self) -> str:
+        if not self.dense:
+            return 'none (pooled features)' if self.pooling else 'none (the feature map)'
+        said = {'option': ' given', 'assumed': ' assumed'}.get(self.sources.get('output_act', 'file'), '')
+        return ' -> '.join(f'Dense {layer.name!r} ({layer.units}, {layer.activation}'
+                           f'{said if i == len(self.dense) - 1 else ""})' for i, layer in enumerate(self.dense))
+
+    def summary(self, arch: str, weights: KerasWeights) -> str:
+        def said(key: str) -> str:
+            return {'file': 'from the file', 'option': 'given', 'assumed': 'assumed'}[self.sources[key]]
+
+        size = f'{self.input_size[0]}x{self.input_size[1]}' if self.input_size else 'any size'
+        layers = f' + {", ".join(self.input_layers)}' if self.input_layers else ''
+        return (f'read {arch} from {weights.source} ({weights.source_format}): BatchNorm eps {self.bn_eps:g} '
+                f'({said("bn_eps")}); pooling {self.pooling or "none"} ({said("pooling")}); head '
+                f'{self.describe_head()} ({said("head")}); input {size}, preprocessing {self.preprocess}{layers} '
+                f'({said("preprocess")})')
+
+    def record(self) -> Dict[str, Any]:
+        mean, std = self.mean_std()
+        return {
+            'bn_eps': self.bn_eps, 'pooling': self.pooling,
+            'head': [{'name': d.name, 'units': d.units, 'activation': d.activation} for d in self.dense],
+            'output_activation': self.output_act, 'preprocess': self.preprocess, 'input_layers': self.input_layers,
+            'input_size': list(self.input_size) if self.input_size else None, 'mean': list(mean), 'std': list(std),
+            'sources': dict(self.sources),
+        }
+
+
+def _resolve_model(weights: KerasWeights, arch: str, declared: Optional[KerasArchitecture],
+                   options: KerasOptions) -> _ResolvedModel:
+    spec = KERAS_RESNETS[arch]
+    sources: Dict[str, str] = {}
+
+    def pick(key: str, option: Any, from_file: Any, default: Any) -> Any:
+        if option is not None:
+            sources[key] = 'option'
+            return option
+        if from_file is not None:
+            sources[key] = 'file'
+            return from_file
+        sources[key] = 'assumed'
+        return default
+
+    if declared is not None:
+        dense = [DenseLayer(d.name, d.units, d.activation) for d in declared.dense]
+        sources['head'] = 'file'
+        bn_eps = pick('bn_eps', options.bn_eps, declared.bn_eps, BN_EPS)
+        pooling = pick('pooling', options.pooling, declared.pooling, 'avg')
+        input_layers = declared.input_layers
+        preprocess = pick('preprocess', options.preprocess, None, 'raw' if input_layers else
+                          default_preprocess(spec.family))
+        scale, offset, size, dropout = (declared.input_scale, declared.input_offset, declared.input_size,
+                                        declared.dropout)
+    else:
+        dense = _weights_only_head(weights, spec, options)
+        sources['head'] = 'option' if options.hidden_act and len(dense) > 1 else 'file'
+        bn_eps = pick('bn_eps', options.bn_eps, None, BN_EPS)
+        pooling = pick('pooling', options.pooling, None, 'avg')
+        preprocess = pick('preprocess', options.preprocess, None, default_preprocess(spec.family))
+        input_layers, scale, offset, size, dropout = [], (1.0,) * 3, (0.0,) * 3, None, 0.0
+    if options.hidden_act is not None:
+        for layer in dense[:-1]:
+            layer.activation = options.hidden_act
+    if dense:
+        last = dense[-1]
+        if options.output_act is not None:
+            last.activation = options.output_act
+            sources['output_act'] = 'option'
+        elif declared is None:
+            last.activation = 'softmax'  # keras.applications' top; only `predict` reads it
+            sources['output_act'] = 'assumed'
+    if dense and not pooling:
+        raise KerasFileError(f'{weights.source}: Dense layers need global pooling before them; give --pooling avg|max')
+    output_act = dense[-1].activation if dense else 'linear'
+    return _ResolvedModel(spec.family, float(bn_eps), pooling, dense, output_act, preprocess, tuple(scale),
+                          tuple(offset), list(input_layers), size, dropout, sources)
+
+
+def _weights_only_head(weights: KerasWeights, spec: Any, options: KerasOptions) -> List[DenseLayer]:
+    """The Dense layers after the ResNet in a file without an architecture, chained by their shapes.
+
+    Their activations are not in the file: with more than one Dense, `options.hidden_act` must say it.
+    """
+    base = set(keras_layer_names(spec.block_counts, include_top=False, family=spec.family))
+    dense = {name: found['kernel'] for name, found in weights.layers.items()
+             if name not in base and found.keys() <= {'kernel', 'bias'} and 'kernel' in found
+             and found['kernel'].ndim == 2}
+    chain: List[DenseLayer] = []
+    width = 2048  # the ResNet's pooled features (both families)
+    while dense:
+        following = [name for name, kernel in dense.items() if kernel.shape[0] == width]
+        if not following:
+            break  # left over: reported as unexpected layers
+        name = following[0]
+        width = int(dense.pop(name).shape[1])
+        chain.append(DenseLayer(name, width, 'linear'))
+    if len(chain) > 1 and options.hidden_act is None:
+        raise KerasFileError(
+            f'{weights.source}: {len(chain)} Dense layers follow the ResNet ({", ".join(d.name for d in chain)}), and '
+            'a weights-only file does not say their activations; save the whole model with model.save(\'x.keras\') '
+            'and convert that, or give --hidden-act (and --output-act, --pooling)')
+    return chain
+
+
+def _is_official(source: Union[PathLike, Any], weights: KerasWeights, arch: str, model: _ResolvedModel,
+                 declared: Optional[KerasArchitecture], options: KerasOptions) -> bool:
+    """The official Keras ImageNet weights (their published MD5), read as Keras reads them: no options."""
+    if declared is not None or options != KerasOptions() or not _is_file(source) or not Path(source).is_file():
+        return False
+    return _md5(source) in KERAS_RESNETS[arch].weights_md5
+
+
+def _md5(path: PathLike) -> str:
+    digest = hashlib.md5()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pretrained_cfg(model: _ResolvedModel, source_file: str, official: bool) -> Dict[str, Any]:
+    """What `build_model` changes in the default cfg: all but the official weights describe the file, not ImageNet."""
+    if official:
+        return {}
+    mean, std = model.mean_std()
+    cfg: Dict[str, Any] = {
+        'tag': None, 'url': None, 'hf_hub_id': None, 'label_names': None, 'test_input_size': None,
+        'test_pool_size': None, 'num_classes': model.num_classes, 'mean': mean, 'std': std,
+        'notes': (f'Converted by resnetv2-zoo from the Keras file {source_file}; its accuracy is not known to '
+                  'resnetv2-zoo.',),
+    }
+    if model.input_size:
+        height, width = model.input_size
+        cfg['input_size'] = (3, height, width)
+        cfg['pool_size'] = (-(-height // 32), -(-width // 32))
+    return cfg
 
 
 def build_model(converted: ConvertedKeras, **create_kwargs: Any) -> torch.nn.Module:
@@ -105,7 +364,11 @@ def build_model(converted: ConvertedKeras, **create_kwargs: Any) -> torch.nn.Mod
     `in_chans` other than 3 an adapted stem conv.
     """
     num_classes = create_kwargs.pop('num_classes', converted.num_classes)
-    model = timm.create_model(converted.arch, num_classes=converted.num_classes, **create_kwargs)
+    kwargs = {**converted.model_kwargs, **create_kwargs}
+    model = timm.create_model(converted.arch, num_classes=converted.num_classes, **kwargs)
+    if converted.pretrained_cfg:  # the file's own model, not the official ImageNet weights
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **converted.pretrained_cfg}
+    set_output_activation(model, converted.output_activation)
     state_dict = converted.state_dict
     if model.in_chans != 3:
         stem = adapt_input_conv(model.in_chans, state_dict['stem.conv.weight'])
@@ -117,24 +380,30 @@ def build_model(converted: ConvertedKeras, **create_kwargs: Any) -> torch.nn.Mod
 
 
 def convert_to_dir(source: Union[PathLike, Any], out_dir: PathLike, arch: str = 'auto',
-                   label_names: Optional[Sequence[str]] = None, allow_nonfinite: bool = False) -> Path:
+                   label_names: Optional[Sequence[str]] = None, allow_nonfinite: bool = False,
+                   options: Optional[KerasOptions] = None) -> Path:
     """Convert and write `out_dir` in timm's `save_for_hf` layout; it is loaded back and checked."""
     return _convert_and_write(source, Path(out_dir), arch, label_names, single_file=False,
-                              allow_nonfinite=allow_nonfinite)
+                              allow_nonfinite=allow_nonfinite, options=options)
 
 
 def convert_to_file(source: Union[PathLike, Any], out_file: PathLike, arch: str = 'auto',
-                    label_names: Optional[Sequence[str]] = None, allow_nonfinite: bool = False) -> Path:
+                    label_names: Optional[Sequence[str]] = None, allow_nonfinite: bool = False,
+                    options: Optional[KerasOptions] = None) -> Path:
     """Convert and write one self-describing `.safetensors` file; it is loaded back and checked."""
     return _convert_and_write(source, Path(out_file), arch, label_names, single_file=True,
-                              allow_nonfinite=allow_nonfinite)
+                              allow_nonfinite=allow_nonfinite, options=options)
 
 
 def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label_names: Optional[Sequence[str]],
-                       single_file: bool, verify: bool = False, allow_nonfinite: bool = False) -> Path:
+                       single_file: bool, verify: bool = False, allow_nonfinite: bool = False,
+                       options: Optional[KerasOptions] = None, announce: Optional[Callable[[str], None]] = None
+                       ) -> Path:
     check_writable_parent(out)
     _check_output(source, out, single_file)
-    converted = convert_keras(source, arch, allow_nonfinite)
+    converted = convert_keras(source, arch, allow_nonfinite, options)
+    if announce is not None:
+        announce(converted.summary)
     _check_labels(label_names, converted.num_classes)
     parity: Dict[str, str] = {}
     if verify:
@@ -148,7 +417,8 @@ def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label
         parity = dict(verify_max_abs_diff=f'{verification.max_abs_diff:.6g}',
                       verify_tolerance=f'{verification.tolerance:.6g}', verify_output=verification.output)
     # The hash is for written files only: it costs more than reading the tensors does.
-    metadata = {**converted.metadata, 'source_sha256': _source_digest(source), **parity}
+    metadata = {**converted.metadata, 'source_sha256': _source_digest(source), **parity,
+                'keras_conversion': json.dumps(converted.record)}
     model = build_model(converted)
     del converted  # the model holds the weights now; keeps the peak near two copies while writing and checking
     # Checked before it replaces anything: a bad output never lands, and a previous one stays as it was.
@@ -290,26 +560,28 @@ def _block_counts(names: Sequence[str]) -> Tuple[int, ...]:
     return tuple(counts)
 
 
-def _num_classes(weights: KerasWeights) -> int:
-    kernel = weights.layers.get('predictions', {}).get('kernel')
-    return int(kernel.shape[-1]) if kernel is not None and kernel.ndim == 2 else 0
-
-
-def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int,
+def _assemble_state_dict(weights: KerasWeights, arch: str, model: '_ResolvedModel',
                          allow_nonfinite: bool, legacy_names: bool = False) -> Dict[str, torch.Tensor]:
     """Map every Keras tensor to its model tensor, or raise listing every difference at once.
 
     With `legacy_names`, layers are named in messages as the file names them (`res2a_branch2a`).
     """
     spec = KERAS_RESNETS[arch]
-    model_shapes = _model_shapes(arch, num_classes)
+    head_hidden = tuple(layer.units for layer in model.dense[:-1])
+    model_shapes = _model_shapes(arch, model.num_classes, head_hidden)
     # BatchNorm's step counters have no Keras counterpart; a converted model has taken no training steps.
     counters = {k.replace('running_var', 'num_batches_tracked'): torch.tensor(0)
                 for k in model_shapes if k.endswith('running_var')}
-    expected_layers = keras_layer_names(spec.block_counts, include_top=num_classes > 0, family=spec.family)
+    head = model.head_layers()
+    expected_layers = keras_layer_names(spec.block_counts, include_top=False, family=spec.family) + list(head)
 
     def shown(layer: str) -> str:
         return legacy_layer_name(layer, spec.block_counts) if legacy_names else layer
+
+    def tensors(layer: str) -> Iterator[Tuple[str, str]]:
+        if layer in head:
+            return iter((('kernel', f'{head[layer]}.weight'), ('bias', f'{head[layer]}.bias')))
+        return iter_tensor_names(layer, spec.family)
 
     problems: Dict[str, List[str]] = {
         'missing layers': [shown(n) for n in expected_layers if n not in weights.layers],
@@ -323,12 +595,16 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int,
         if found is None:
             continue
         name = shown(layer)
-        for var in sorted(found.keys() - layer_vars(layer, spec.family).keys()):
+        known = dict(tensors(layer))
+        for var in sorted(found.keys() - known.keys()):
             problems['tensor mismatches'].append(f'{name}: unexpected variable {var!r} {found[var].shape}')
-        for keras_var, key in iter_tensor_names(layer, spec.family):
+        for keras_var, key in known.items():
             expected_shape = _keras_shape(model_shapes[key])
             if keras_var not in found:
-                problems['tensor mismatches'].append(f'{name}: missing variable {keras_var!r} {expected_shape}')
+                if layer in head and keras_var == 'bias':  # Dense(use_bias=False): a zero bias is the same layer
+                    state_dict[key] = torch.zeros(model_shapes[key])
+                else:
+                    problems['tensor mismatches'].append(f'{name}: missing variable {keras_var!r} {expected_shape}')
             elif found[keras_var].shape != expected_shape:
                 problems['tensor mismatches'].append(
                     f'{name}/{keras_var}: expected shape {expected_shape}, found {found[keras_var].shape}')
@@ -342,8 +618,8 @@ def _assemble_state_dict(weights: KerasWeights, arch: str, num_classes: int,
         if unfilled and not any(problems.values()):  # only possible if the name table and the model disagree
             lines.append(f'model tensors left unfilled: {_listing(unfilled)}')
         raise KerasFileError(f'{weights.source} ({weights.source_format}) does not match {arch} '
-                             f'with {num_classes} classes:\n  ' + '\n  '.join(lines))
-    if spec.family == 'v1':
+                             f'with {model.num_classes} classes:\n  ' + '\n  '.join(lines))
+    if preprocess_affine(model.preprocess)[2]:  # BGR input (caffe): the stem conv is made to take RGB
         state_dict['stem.conv.weight'] = bgr_to_rgb_stem(state_dict['stem.conv.weight'])
     return {**state_dict, **counters}
 
@@ -360,10 +636,11 @@ def _nonfinite(name: str, value: np.ndarray) -> List[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _model_shapes(arch: str, num_classes: int) -> Dict[str, Tuple[int, ...]]:
+def _model_shapes(arch: str, num_classes: int, head_hidden: Tuple[int, ...] = ()) -> Dict[str, Tuple[int, ...]]:
     """Shape of every model tensor to fill (BatchNorm step counters excepted)."""
     with torch.device('meta'):  # shapes only: nothing allocated
-        model = timm.create_model(arch, num_classes=num_classes)
+        model = timm.create_model(arch, num_classes=num_classes, head_hidden=head_hidden,
+                                  head_act=['linear'] * len(head_hidden))
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
 
 
@@ -425,12 +702,31 @@ def register(subparsers: Any) -> None:
     parser.add_argument('--allow-nonfinite', action='store_true',
                         help='accept NaN/Inf weights (refused by default, naming the layers that hold them)')
     parser.add_argument('--verify', action='store_true',
-                        help='also run Keras (TensorFlow needed) on the same input and compare outputs')
+                        help='also run Keras (TensorFlow needed) on the model in the file and compare outputs')
+    group = parser.add_argument_group(
+        'model options', 'what a weights-only file (save_weights, ModelCheckpoint(save_weights_only=True)) cannot say; '
+        'each overrides what a .keras or full-model .h5 file declares. Default: what the file declares, else '
+        'keras.applications\' choice (printed as assumed)')
+    group.add_argument('--bn-eps', type=float, default=None, metavar='EPS',
+                       help="every BatchNorm epsilon: 1.001e-5 in keras.applications, 1e-3 for a BatchNormalization() "
+                            'built by hand')
+    group.add_argument('--pooling', choices=('avg', 'max'), default=None, help='global pooling before the head')
+    group.add_argument('--preprocess', choices=PREPROCESS_MODES, default=None,
+                       help='how pixels were prepared for the Keras model: tf [-1, 1] (resnet_v2.preprocess_input, '
+                            'the V2 default), torch (ImageNet mean/std), caffe (BGR minus mean, the v1 default), '
+                            'raw (0-255, as image_dataset_from_directory gives them), unit ([0, 1])')
+    group.add_argument('--hidden-act', choices=HIDDEN_ACTIVATIONS, default=None,
+                       help='activation of the Dense layers before the last (a weights-only file with a hidden-layer '
+                            'head needs it)')
+    group.add_argument('--output-act', choices=OUTPUT_ACTIVATIONS, default=None,
+                       help="the last Dense's activation: predict applies softmax for linear and softmax, sigmoid "
+                            'for sigmoid')
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
     labels = read_labels(args.labels) if args.labels else None
+    options = KerasOptions(args.bn_eps, args.pooling, args.preprocess, args.hidden_act, args.output_act)
     out = _convert_and_write(args.input, args.output, args.arch, labels, args.single_file, args.verify,
-                             args.allow_nonfinite)
+                             args.allow_nonfinite, options, announce=print)
     print(f'wrote {out}')
