@@ -34,7 +34,9 @@ class ConvertResult:
 
 
 def convert(source: PathLike, out: PathLike, arch: str = 'auto', label_names: Optional[Sequence[str]] = None,
-            single_file: Optional[bool] = None, allow_nonfinite: bool = False) -> ConvertResult:
+            single_file: Optional[bool] = None, allow_nonfinite: bool = False, bn_eps: Optional[float] = None,
+            pooling: Optional[str] = None, preprocess: Optional[str] = None, hidden_act: Optional[str] = None,
+            output_act: Optional[str] = None) -> ConvertResult:
     """Convert a Keras ResNet checkpoint (.h5, .weights.h5, .keras, TF checkpoint, SavedModel) without TensorFlow.
 
     Args:
@@ -44,14 +46,18 @@ def convert(source: PathLike, out: PathLike, arch: str = 'auto', label_names: Op
         label_names: one class name per output, stored with the weights.
         single_file: write one self-describing `.safetensors` file; default: when `out` ends in `.safetensors`.
         allow_nonfinite: accept NaN/Inf weights (refused by default).
+        bn_eps, pooling, preprocess, hidden_act, output_act: what a weights-only file cannot say (and overrides of
+            what a .keras / full .h5 declares), as `resnetv2-zoo convert --bn-eps ...`; see `KerasOptions`.
 
     The written model is loaded back and checked; an existing output is replaced only if resnetv2-zoo wrote it.
     """
-    from .weights.convert import convert_to_dir, convert_to_file
+    from .weights.convert import KerasOptions, convert_to_dir, convert_to_file
 
     if single_file is None:
         single_file = str(out).endswith('.safetensors')
     write = convert_to_file if single_file else convert_to_dir
-    path = Path(write(source, out, arch=arch, label_names=label_names, allow_nonfinite=allow_nonfinite))
+    options = KerasOptions(bn_eps, pooling, preprocess, hidden_act, output_act)
+    path = Path(write(source, out, arch=arch, label_names=label_names, allow_nonfinite=allow_nonfinite,
+                      options=options))
     metadata = read_weights_metadata(path if single_file else path / 'model.safetensors')
     return ConvertResult(path, metadata['architecture'], int(metadata['num_classes']))

@@ -478,6 +478,15 @@ def _card_provenance(architecture: str, metadata: Dict[str, str]) -> List[str]:
                  f'Keras {metadata.get("keras_version", "version not recorded")}), tensor for tensor, without '
                  'approximation.', '',
                  f'- SHA-256 of the source: `{digest}`']
+        if metadata.get('keras_conversion'):
+            read = json.loads(metadata['keras_conversion'])
+            head = ' -> '.join(f'Dense({d["units"]}, {d["activation"]})' for d in read.get('head', [])) or 'none'
+            sources = read.get('sources', {})
+            lines.append(f'- Model: BatchNorm eps {read.get("bn_eps")} ({sources.get("bn_eps", "?")}), pooling '
+                         f'{read.get("pooling") or "none"} ({sources.get("pooling", "?")}), head {head} '
+                         f'({sources.get("head", "?")}), preprocessing {read.get("preprocess")} '
+                         f'({sources.get("preprocess", "?")}); file: read from the file, option: given to `convert`, '
+                         'assumed: keras.applications\' default')
         if metadata.get('verify_max_abs_diff'):
             lines.append(f'- Parity with Keras (`--verify`): max |keras - timm| over the '
                          f'{metadata.get("verify_output", "outputs")} = {float(metadata["verify_max_abs_diff"]):.3g} '
