@@ -141,15 +141,17 @@ def class_index(model: torch.nn.Module) -> Tuple[Dict[str, int], Dict[str, List[
     return index, {name: found for name, found in indices.items() if len(found) > 1}
 
 
-def _unnamed_class_index(model: torch.nn.Module, data: str, checkpoint: str) -> Dict[str, int]:
-    """A checkpoint without class names (timm train.py's): folders numbered as timm's ImageFolder numbers them."""
-    folders = sorted(_class_folders(data), key=natural_key)
+def _unnamed_class_index(model: torch.nn.Module, data: str, checkpoint: str,
+                         keras_order: bool = False) -> Dict[str, int]:
+    """A checkpoint without class names: folders numbered as timm's ImageFolder numbers them (`natural_key`:
+    case-blind, numbers by value), or with `keras_order` as `image_dataset_from_directory` does (plain `sorted`)."""
+    folders = sorted(_class_folders(data), key=None if keras_order else natural_key)
     if len(folders) != model.num_classes:
         raise ResNetV2ZooError(
             f'{checkpoint} does not name its {model.num_classes} classes, so {data} must hold exactly that many class '
             f'folders, numbered in sorted order as timm train.py numbered them; found {len(folders)}')
     _logger.info(f'{checkpoint} does not name its classes: taking the {len(folders)} folders of {data} in sorted '
-                 'order, as timm train.py numbers them')
+                 f'order, as {"Keras" if keras_order else "timm train.py"} numbers them')
     return {name: i for i, name in enumerate(folders)}
 
 
@@ -189,7 +191,7 @@ def evaluate(checkpoint: str, data: str, batch_size: int = 32, workers: int = 0,
     model = load_classifier(checkpoint)
     names = label_names_of(model)
     if not model.pretrained_cfg.get('label_names') and model.num_classes != 1000:
-        index = _unnamed_class_index(model, data, checkpoint)
+        index = _unnamed_class_index(model, data, checkpoint, keras_order=split == 'keras')
         names = list(index)
     else:
         index, ambiguous = class_index(model)

@@ -218,11 +218,18 @@ class _ResolvedModel:
         return mean, std
 
     def describe_head(self) -> str:
+        """The Dense layers (with their activations where they came with them), then the output activation."""
         if not self.dense:
             return 'none (pooled features)' if self.pooling else 'none (the feature map)'
-        said = {'option': ' given', 'assumed': ' assumed'}.get(self.sources.get('output_act', 'file'), '')
-        return ' -> '.join(f'Dense {layer.name!r} ({layer.units}, {layer.activation}'
-                           f'{said if i == len(self.dense) - 1 else ""})' for i, layer in enumerate(self.dense))
+        output_said = self.sources.get('output_act', 'file')
+        layers = [f'Dense {layer.name!r} ({layer.units}, {layer.activation})' for layer in self.dense]
+        if output_said != 'file':  # weights-only: the file holds the Dense layers, not the last one's activation
+            layers[-1] = f'Dense {self.dense[-1].name!r} ({self.dense[-1].units})'
+        said = {'file': 'from the file', 'option': 'given', 'assumed': 'assumed'}
+        text = f'{" -> ".join(layers)} ({said[self.sources["head"]]})'
+        if output_said != 'file':
+            text += f', output {self.output_act} ({said[output_said]})'
+        return text
 
     def summary(self, arch: str, weights: KerasWeights) -> str:
         def said(key: str) -> str:
@@ -232,7 +239,7 @@ class _ResolvedModel:
         layers = f' + {", ".join(self.input_layers)}' if self.input_layers else ''
         return (f'read {arch} from {weights.source} ({weights.source_format}): BatchNorm eps {self.bn_eps:g} '
                 f'({said("bn_eps")}); pooling {self.pooling or "none"} ({said("pooling")}); head '
-                f'{self.describe_head()} ({said("head")}); input {size}, preprocessing {self.preprocess}{layers} '
+                f'{self.describe_head()}; input {size}, preprocessing {self.preprocess}{layers} '
                 f'({said("preprocess")})')
 
     def record(self) -> Dict[str, Any]:
