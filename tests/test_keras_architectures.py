@@ -302,6 +302,19 @@ def test_mixed_bn_epsilons_are_refused(variants, tmp_path, capsys, file_format: 
     _cli_refuses([path], tmp_path / 'work' / 'out', capsys, 'conv3_block1_preact_bn', 'BatchNormalization')
 
 
+@pytest.mark.parametrize('file_format', FULL_FORMATS)
+def test_stride_in_the_wrong_block_is_refused(variants, tmp_path, capsys, file_format: str):
+    """A hand-built ResNet with the applications' names but timm's stride placement (first block of the stage): the
+    weights fit, the outputs would not."""
+    def restride(config: dict) -> None:
+        _layer(config, 'Conv2D', 'conv3_block4_2_conv')['config']['strides'] = [1, 1]
+        _layer(config, 'Conv2D', 'conv3_block1_2_conv')['config']['strides'] = [2, 2]
+
+    path = _edited(variants['hidden_dense'], file_format, tmp_path, restride)
+    (tmp_path / 'work').mkdir()
+    _cli_refuses([path], tmp_path / 'work' / 'out', capsys, 'conv3_block', '_2_conv', 'strides')
+
+
 def test_weights_only_nested_head_needs_options(variants, tmp_path, capsys):
     """Two Dense layers and no hidden activation given: the names cannot say what the head computes."""
     path = variants['hidden_dense'].file(WEIGHTS_FORMAT)

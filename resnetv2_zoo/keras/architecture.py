@@ -12,6 +12,7 @@ Anything a timm model cannot compute exactly (a conv or BatchNorm in the head, `
 two inputs, layer classes Keras does not ship) is refused with a `KerasFileError` naming the layer, its
 class and what is supported. Nothing here imports TensorFlow or torch.
 """
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -276,11 +277,46 @@ def read_architecture(model_config: Any, family: str, block_counts: Sequence[int
     if len(bases) != 1:
         raise KerasFileError(f'{where}: the model holds {len(bases)} Keras ResNets; supported: exactly one')
     before, base, after = items[:bases[0]], items[bases[0]], items[bases[0] + 1:]
+    _check_strides(base.body, family, block_counts, where)
     arch = KerasArchitecture(bn_eps=_bn_eps(base.body, where), pooling='', dense=[], dropout=0.0,
                              base_path=base.path or '(top level)')
     _read_input(before, arch, where, weights or {})
     _read_head(after, arch, where)
     return arch
+
+
+_CONV_RE = re.compile(r'^conv(?P<stage>[2-5])_block(?P<block>\d+)_(?P<part>[0-3])_conv$')
+
+
+def expected_stride(name: str, family: str, block_counts: Sequence[int]) -> int:
+    """The stride keras.applications gives the conv `name`: V2 strides each stage's last block in its 3x3 conv
+    (stages conv2-conv4), v1 each stage's first block in its first 1x1 conv and projection (conv3-conv5)."""
+    if name == 'conv1_conv':
+        return 2
+    match = _CONV_RE.match(name)
+    if match is None:
+        return 1
+    stage, block, part = int(match['stage']), int(match['block']), match['part']
+    if family == 'v2':
+        return 2 if stage < 5 and block == block_counts[stage - 2] and part == '2' else 1
+    return 2 if stage > 2 and block == 1 and part in ('0', '1') else 1
+
+
+def _check_strides(body: List[_Layer], family: str, block_counts: Sequence[int], where: str) -> None:
+    """A ResNet built by hand with the applications' names but a stride elsewhere would load the weights and
+    compute something else: refused, naming the conv."""
+    for layer in body:
+        if layer.cls != 'Conv2D':
+            continue
+        strides = layer.config.get('strides', 1)
+        strides = tuple(strides) if isinstance(strides, list) else (strides, strides)
+        expected = expected_stride(layer.name, family, block_counts)
+        dilation = layer.config.get('dilation_rate', 1)
+        dilation = tuple(dilation) if isinstance(dilation, list) else (dilation, dilation)
+        if strides != (expected, expected) or dilation != (1, 1) or layer.config.get('groups', 1) != 1:
+            raise KerasFileError(f'{where}: {layer.describe()} has strides {list(strides)}, dilation {list(dilation)}, '
+                                 f'groups {layer.config.get("groups", 1)}; Keras\'s {family.upper()} ResNet has '
+                                 f'strides [{expected}, {expected}], dilation [1, 1], groups 1 there')
 
 
 def _bn_eps(body: List[_Layer], where: str) -> Optional[float]:
