@@ -4,6 +4,7 @@ Each model (or conversion) runs in its own process so that its peak RSS is its o
 TensorFlow and torch never share a process (they skew each other's thread pools). The parent drives
 the workers over a pipe, one JSON object per line, which lets it interleave their timed rounds.
 """
+import contextlib
 import csv
 import io
 import json
@@ -73,6 +74,32 @@ class Worker:
         self.close()
 
 
+class LocalWorker:
+    """`Worker`'s interface, answered in this process by `make_handlers(spec)`: a benchmark's `--in-process` mode,
+    for smoke tests, which then start one process instead of one per model. Nothing is isolated: the models share
+    the process (and its memory, so the peak RSS is reset when each one starts), and TensorFlow shares it with
+    torch; the figures are for checking that every code path runs, not for comparing."""
+
+    def __init__(self, make_handlers: Callable[[Dict[str, Any]], Mapping[str, Handler]], spec: Mapping[str, Any]):
+        self.spec = dict(spec)
+        self._handlers = make_handlers(self.spec)
+
+    def request(self, cmd: str, **kwargs: Any) -> Dict[str, Any]:
+        try:
+            return self._handlers[cmd](**kwargs)
+        except Exception as e:  # as `Worker` reports a worker's failure
+            raise WorkerError(f'worker {self.spec} failed on {cmd!r}: {type(e).__name__}: {e}') from e
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> 'LocalWorker':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def serve(handlers: Mapping[str, Handler]) -> None:
     """Worker side of `Worker`: answer each request line with `handlers[cmd](**args)` until stdin closes.
 
@@ -91,8 +118,22 @@ def serve(handlers: Mapping[str, Handler]) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process so far, or since `reset_peak_rss`: VmHWM from /proc/self/status
+    on Linux, elsewhere ru_maxrss (which Linux would report in KiB, and which cannot be reset)."""
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Lower the peak RSS to the current RSS (Linux: /proc/self/clear_refs), so that `peak_rss_mb` covers what
+    follows; a no-op where that file is absent."""
+    with contextlib.suppress(OSError):
+        Path('/proc/self/clear_refs').write_text('5')
 
 
 def cpu_name() -> str:

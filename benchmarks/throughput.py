@@ -18,6 +18,7 @@ optimizations; inference only), each optionally with `:OPTIONS`, a `+`-joined su
     python benchmarks/throughput.py                      # CPU default, a few minutes
     python benchmarks/throughput.py --gpu-suite          # H200: batch 256, bf16, channels_last, +/- compile
     python benchmarks/throughput.py --models resnet50v2_keras:cl resnetv2_50:cl --peer resnetv2_50:cl
+    python benchmarks/throughput.py --in-process ...    # smoke: every model in this one process, figures not comparable
 
 On a CPU shared with other jobs, OpenMP's spin-waiting threads lose most of their time slices to the
 other processes, which hurts torch far more than TensorFlow's work-stealing pool; run with
@@ -42,10 +43,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from bench_utils import (
     RESULTS_DIR,
+    LocalWorker,
     Worker,
     machine_tag,
     markdown_table,
     peak_rss_mb,
+    reset_peak_rss,
     run_script,
     serve,
     write_results,
@@ -219,12 +222,15 @@ def build_ort_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     return dict(run=run, memory=peak_rss_mb, param_count=param_count, runtime_mem=runtime_mem)
 
 
-def worker_main(spec: Dict[str, Any]) -> None:
+def worker_handlers(spec: Dict[str, Any]) -> Dict[str, Callable[..., Dict[str, Any]]]:
+    """What a worker answers: `start` (build the model), `run` (time steps), `memory` (its peak)."""
     build = (build_keras_step if spec['name'].startswith('keras/') else
              build_ort_step if spec['name'].startswith('ort/') else build_torch_step)
     state: Dict[str, Any] = {}
 
     def start() -> Dict[str, Any]:
+        if spec.get('in_process'):
+            reset_peak_rss()  # other models live in this process too: measure from here
         state.update(build(spec))
         return dict(param_count=state['param_count'], runtime_mem_mb=state['runtime_mem'])
 
@@ -233,7 +239,11 @@ def worker_main(spec: Dict[str, Any]) -> None:
         state['run'](steps)
         return dict(seconds=time.perf_counter() - t0)
 
-    serve(dict(start=start, run=timed, memory=lambda: dict(peak_mem_mb=state['memory']())))
+    return dict(start=start, run=timed, memory=lambda: dict(peak_mem_mb=state['memory']()))
+
+
+def worker_main(spec: Dict[str, Any]) -> None:
+    serve(worker_handlers(spec))
 
 
 # ---- parent side: interleave the workers' rounds and summarise ---------------------------------------------
@@ -246,7 +256,9 @@ def bench_group(models: List[Dict[str, Any]], peer: str, setting: Dict[str, Any]
                 args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Time `models` under one setting (mode, precision, batch size) in interleaved rounds."""
     prefix = setting['mode']
-    workers = {m['label']: Worker(__file__, dict(m, **setting, img_size=args.img_size, device=args.device))
+    workers = {m['label']: (LocalWorker(worker_handlers, dict(m, **setting, img_size=args.img_size, device=args.device,
+                                                              in_process=True)) if args.in_process else
+                            Worker(__file__, dict(m, **setting, img_size=args.img_size, device=args.device)))
                for m in models}
     try:
         info = {label: w.request('start') for label, w in workers.items()}
@@ -340,8 +352,10 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         load_average_start=os.getloadavg(), args=vars(args),
         memory_note=('peak_mem_mb: torch.cuda.max_memory_allocated; runtime_mem_mb: allocated once the model is '
                      'built (its weights)' if args.device.startswith('cuda') else
-                     'peak_mem_mb: peak RSS of the model\'s own worker process (ru_maxrss); runtime_mem_mb: '
-                     'its RSS after importing the framework, before building the model'),
+                     'peak_mem_mb: peak RSS of the model\'s own worker process (VmHWM, else ru_maxrss); '
+                     'runtime_mem_mb: its RSS after importing the framework, before building the model'
+                     + ('; --in-process: all in one process, the peak reset as each model starts, so these '
+                        'figures are not the models\' own' if args.in_process else '')),
     )
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         env['keras'] = importlib.metadata.version('keras')  # not imported: TensorFlow stays out of this process
@@ -363,6 +377,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--gpu-suite', action='store_true', help=f'preset for one big GPU: {GPU_SUITE}')
     parser.add_argument('--out-dir', type=Path, default=RESULTS_DIR)
     parser.add_argument('--name', default='', help='suffix for the results files')
+    parser.add_argument('--in-process', action='store_true',
+                        help='run every model in this process, not one worker process each: starts in seconds (the '
+                             'smoke test), but the models share the process, so figures are not comparable')
     args = parser.parse_args(argv)
     if args.gpu_suite:
         for key, value in GPU_SUITE.items():

@@ -11,8 +11,10 @@ The Keras ResNet50V2 takes seconds to build and each file it writes is ~100 MB, 
 edits a Keras model builds its own (`keras_helpers.build_keras_resnetv2`).
 """
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 # `make test` runs the suite in two pytest-xdist workers on the two cores: one compute thread each (and in the
 # processes they start), or every worker's torch and TensorFlow would spin on both cores at once.
@@ -21,6 +23,7 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
         os.environ.setdefault(_name, '1')
 
 import pytest  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
 from keras_helpers import KerasResNet  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
@@ -59,5 +62,48 @@ def weather4() -> Path:
 
 @pytest.fixture(scope='session')
 def keras_resnet50v2(tmp_path_factory) -> KerasResNet:
-    """Keras's ResNet50V2, seeded random weights, with and without the top; read-only (see KerasResNet)."""
-    return KerasResNet('resnet50v2_keras', tmp_path_factory.mktemp('keras_resnet50v2'), seed=1)
+    """Keras's ResNet50V2, seeded random weights, with and without the top; read-only (see KerasResNet).
+    Its files are written once for the whole run, every xdist worker included."""
+    return KerasResNet('resnet50v2_keras', run_folder(tmp_path_factory) / 'keras_resnet50v2', seed=1)
+
+
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this test run that every xdist worker sees: the workers' base temporary folders share a
+    parent that belongs to this run alone; without xdist the run's own base folder serves."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'shared_by_workers'
+    root.mkdir(exist_ok=True)
+    return root
+
+
+BUILD_ONCE_TIMEOUT_S = 900  # the longest build (a tf-keras model saved in five formats) takes about a minute
+
+
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test run: by the first xdist worker to ask, while the
+    other waits for it (bounded), instead of both building the same Keras models and files.
+
+    It lives in `run_folder`. `build` writes into a temporary folder renamed into place when it
+    returns, so a folder that is there is complete; if it raises, the next caller builds anew.
+    """
+    root = run_folder(tmp_path_factory)
+    done = root / name
+    if done.is_dir():
+        return done
+    try:
+        with FileLock(str(root / f'{name}.lock'), timeout=BUILD_ONCE_TIMEOUT_S):
+            if not done.is_dir():
+                partial = root / f'.{name}.{os.getpid()}'
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+                build(partial)
+                partial.rename(done)
+    except Timeout:
+        pytest.fail(f'waited {BUILD_ONCE_TIMEOUT_S} s for another pytest worker to build {done}', pytrace=False)
+    return done
+
+
+@pytest.fixture(scope='session')
+def built_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`built_once(name, build)`: the folder `build` filled once for the whole run, every xdist worker included."""
+    return lambda name, build: build_once(tmp_path_factory, name, build)

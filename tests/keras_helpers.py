@@ -5,17 +5,21 @@ He-normal kernels, each residual branch's last 1x1 conv scaled down, and BatchNo
 affine parameters drawn near identity, with positive variances.
 """
 import io
+import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
 import h5py
 import numpy as np
+from filelock import FileLock
 
 from resnetv2_zoo.keras.runtime import import_keras
 from resnetv2_zoo.weights.verify import keras_reference_model
 
 RESIDUAL_BRANCH_SCALE = 0.2  # on each block's `3_conv` kernel
+FILE_LOCK_TIMEOUT_S = 600  # another pytest worker writing the same ~100 MB file takes seconds
 
 
 def build_keras_resnetv2(arch: str, include_top: bool = True, num_classes: int = 1000, seed: int = 0) -> Any:
@@ -60,7 +64,9 @@ class KerasResNet:
 
     Built once and shared (conftest's session fixture for ResNet50V2): tests read it and never change it;
     a test that trains or edits a Keras model builds its own with `build_keras_resnetv2`. Files are
-    written on first request, read-only too: copy one before damaging it.
+    written on first request, read-only too: copy one before damaging it. `directory` may be shared by
+    several processes (conftest's is, by the xdist workers of one run): the seeded weights are the same in
+    each, so the first to ask writes a file, under a lock, and the others use it.
     """
 
     def __init__(self, arch: str, directory: Path, seed: int = 1):
@@ -92,12 +98,23 @@ class KerasResNet:
         if key not in self._files:
             out = self.directory / ('top' if include_top else 'notop')
             out.mkdir(parents=True, exist_ok=True)
-            if file_format == 'weights_h5_unnamed':
-                path = strip_weights_h5_names(self.file(include_top, 'weights_h5'), out / 'unnamed.weights.h5')
-            elif file_format == 'keras_zip_unnamed':
-                path = strip_keras_zip_names(self.file(include_top, 'keras_zip'), out / 'unnamed.keras')
-            else:
-                path = save_keras(self.model(include_top), out, file_format)
+            name = {'weights_h5_unnamed': 'unnamed.weights.h5', 'keras_zip_unnamed': 'unnamed.keras'}.get(
+                file_format) or SAVERS[file_format][0]
+            path = out / name
+            with FileLock(str(out / f'.{name}.lock'), timeout=FILE_LOCK_TIMEOUT_S):
+                if not path.is_file():  # written into a private folder, then renamed: a file that is there is whole
+                    partial = out / f'.{name}.{os.getpid()}'
+                    partial.mkdir()
+                    try:
+                        if file_format == 'weights_h5_unnamed':
+                            written = strip_weights_h5_names(self.file(include_top, 'weights_h5'), partial / name)
+                        elif file_format == 'keras_zip_unnamed':
+                            written = strip_keras_zip_names(self.file(include_top, 'keras_zip'), partial / name)
+                        else:
+                            written = save_keras(self.model(include_top), partial, file_format)
+                        written.rename(path)
+                    finally:
+                        shutil.rmtree(partial, ignore_errors=True)
             self._files[key] = path
         return self._files[key]
 

@@ -1,8 +1,9 @@
 """Smoke tests: each benchmark runs one tiny iteration end to end and writes well-formed results.
 
 Sized to take seconds: every worker process imports torch or TensorFlow, so the smoke runs start as few as
-cover each code path (the Keras peer in inference only: its first training step alone traces for seconds;
-convert_speed's torch methods in one shared worker, with no warm-up round).
+cover each code path: throughput runs every model in one process (`--in-process`; the Keras peer in inference
+only: its first training step alone traces for seconds), convert_speed its torch methods in one shared worker
+and Keras in another, with no warm-up round, which keeps the worker processes and their protocol covered.
 """
 import csv
 import json
@@ -46,7 +47,7 @@ def read_results(out_dir: Path, prefix: str):
 def test_throughput_smoke(tmp_path):
     run_script('throughput.py', '--models', 'resnet50v2_keras:optimized', 'keras/ResNet50V2:infer',
                'ort/resnet50v2_keras', '--peer', 'resnet50v2_keras:cl', '--img-size', '32', '--batch-sizes', '2',
-               '--rounds', '1', '--steps', '1', '--warmup', '0', '--out-dir', str(tmp_path))
+               '--rounds', '1', '--steps', '1', '--warmup', '0', '--out-dir', str(tmp_path), '--in-process')
     csv_rows, payload, table = read_results(tmp_path, 'throughput')
     rows = {row['model']: row for row in payload['results']}
     assert list(rows) == ['resnet50v2_keras:cl', 'resnet50v2_keras:optimized', 'keras/ResNet50V2:infer',

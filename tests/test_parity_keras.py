@@ -132,7 +132,7 @@ def test_tutorial_four_class_head(tmp_path):
     model = keras.Model(base.input, head(base.output))
     head.set_weights([np.random.default_rng(4).normal(0, 0.05, (2048, 4)).astype(np.float32), np.ones(4, np.float32)])
     images = np.random.default_rng(5).uniform(-1, 1, (2, 160, 160, 3)).astype(np.float32)
-    model.compile(optimizer='sgd', loss='mse')
+    model.compile(optimizer='sgd', loss='mse', run_eagerly=True)  # one step: no traced (or XLA) graph to build
     checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / 'birds.weights.h5'), save_weights_only=True)
     model.fit(images, np.zeros((2, 4), np.float32), epochs=1, verbose=0, callbacks=[checkpoint])
     model.save_weights(tmp_path / 'final.weights.h5')

@@ -39,12 +39,20 @@ KERAS_FILE = 'resnet50v2_weights_tf_dim_ordering_tf_kernels.h5'
 BIRDS = ('cardinal', 'blue jay', 'robin')
 
 
+# The "Coming from Keras" tutorial trains a Keras model: tests/test_migration.py runs it (small), not this file.
+KERAS_SECTION = ('<!-- coming-from-keras:start -->', '<!-- coming-from-keras:end -->')
+
+
 def python_snippets(text: str):
-    """(first line number, code) of each ```python block."""
+    """(first line number, code) of each ```python block, but those of the Keras tutorial (see KERAS_SECTION)."""
     snippets, lines = [], text.splitlines()
-    start = None
+    start, in_keras = None, False
     for number, line in enumerate(lines, 1):
-        if start is None and line.strip() == '```python':
+        if line.strip() in KERAS_SECTION:
+            in_keras = line.strip() == KERAS_SECTION[0]
+        elif in_keras:
+            continue
+        elif start is None and line.strip() == '```python':
             start, body = number + 1, []
         elif start is not None and line.strip() == '```':
             snippets.append((start, '\n'.join(body)))
@@ -95,16 +103,19 @@ def test_readme_has_python_snippets():
     assert len(SNIPPETS) >= 1  # control: the extraction finds the blocks
 
 
-@pytest.fixture(scope='module')
-def weights_cache(tmp_path_factory):
-    """Converted seeded-random weights of each architecture the snippets name, as the cache holds them."""
-    cache = tmp_path_factory.mktemp('cache')
+def _fill_weights_cache(cache: Path) -> None:
     text = README.read_text()
     for arch in KERAS_RESNETS:
         if re.search(rf'\b{arch}\b', text):
             torch.manual_seed(0)
             save_model_dir(timm.create_model(arch), cache / f'{arch}.tf_in1k', label_names=ImageNetInfo().label_names())
-    return cache
+
+
+@pytest.fixture(scope='session')
+def weights_cache(built_once):
+    """Converted seeded-random weights of each architecture the snippets name, as the cache holds them; written
+    once for the run, every xdist worker included, and shared by every snippet."""
+    return built_once('readme_weights_cache', _fill_weights_cache)
 
 
 def make_files(cwd: Path, code: str) -> None:

@@ -9,8 +9,6 @@ stride moved onto the 3x3 conv as timm's ResNet has it.
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple
 
@@ -24,6 +22,7 @@ from timm.models import group_parameters
 from v1_helpers import keras_model_layers, to_legacy_names, write_keras2_h5, write_tfjs
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
+from resnetv2_zoo import cli
 from resnetv2_zoo.errors import KerasFileError, ResNetV2ZooError
 from resnetv2_zoo.keras.runtime import import_keras
 from resnetv2_zoo.keras.spec import KERAS_RESNETS, canonical_layer_name, legacy_layer_name
@@ -324,12 +323,20 @@ def test_pretrained_true_finds_official_v1_file(keras_cases, tmp_path, monkeypat
 
 # --- bad input: one line, nothing written ---
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    code = 'import sys; from resnetv2_zoo.cli import main; sys.exit(main())'
-    return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, timeout=300)
+class _Result(NamedTuple):
+    returncode: int
+    stderr: str
 
 
-def _assert_refused(result: subprocess.CompletedProcess, out: Path, *needles: str) -> None:
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> _Result:
+    """The command line, in this process (the console script is `sys.exit(main())`; test_finetune and
+    test_reliability run it as a process): its exit code and what it printed on stderr."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return _Result(code, capsys.readouterr().err)
+
+
+def _assert_refused(result: _Result, out: Path, *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     assert 'Traceback' not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -378,21 +385,21 @@ def test_state_dict_round_trip_bit_exact(v1_state_files):
 
 
 @pytest.mark.slow
-def test_family_mismatch_refused_naming_both(v1_state_files, tmp_path):
+def test_family_mismatch_refused_naming_both(v1_state_files, tmp_path, capsys):
     out = tmp_path / 'out'
-    result = _cli('convert', str(v1_state_files['h5']), '-o', str(out), '--arch', 'resnet50v2_keras')
+    result = _cli(capsys, 'convert', str(v1_state_files['h5']), '-o', str(out), '--arch', 'resnet50v2_keras')
     _assert_refused(result, out, 'resnet50_keras', 'resnet50v2_keras', 'ResNet (v1)')
 
     from keras_helpers import write_legacy_h5
     torch.manual_seed(0)
     v2_file = write_legacy_h5(timm.create_model('resnet50v2_keras').state_dict(), 'resnet50v2_keras',
                               tmp_path / 'v2.h5')
-    result = _cli('convert', str(v2_file), '-o', str(out), '--arch', 'resnet50_keras')
+    result = _cli(capsys, 'convert', str(v2_file), '-o', str(out), '--arch', 'resnet50_keras')
     _assert_refused(result, out, 'resnet50v2_keras', 'resnet50_keras', 'ResNetV2')
 
 
 @pytest.mark.slow
-def test_old_names_file_missing_a_layer_lists_it(v1_state_files, tmp_path):
+def test_old_names_file_missing_a_layer_lists_it(v1_state_files, tmp_path, capsys):
     blocks = KERAS_RESNETS['resnet50_keras'].block_counts
     layers = to_legacy_names(v1_state_files['layers'], blocks)
     del layers['res3b_branch2a'], layers['bn4f_branch2c']
@@ -400,7 +407,7 @@ def test_old_names_file_missing_a_layer_lists_it(v1_state_files, tmp_path):
     with pytest.raises(KerasFileError, match=r'missing layers: .*res3b_branch2a.*bn4f_branch2c'):
         convert_keras(damaged)
     out = tmp_path / 'out'
-    result = _cli('convert', str(damaged), '-o', str(out))
+    result = _cli(capsys, 'convert', str(damaged), '-o', str(out))
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'res3b_branch2a' in result.stderr and 'bn4f_branch2c' in result.stderr
     assert not out.exists()
@@ -422,7 +429,7 @@ def _copy_tfjs(src: Path, dst: Path) -> Path:
     ('quantized', 'quantized to uint8'),
     ('outside_path', 'outside the model folder'),
 ])
-def test_tfjs_bad_input(v1_state_files, tmp_path, damage, needle):
+def test_tfjs_bad_input(v1_state_files, tmp_path, damage, needle, capsys):
     folder = _copy_tfjs(v1_state_files['tfjs'], tmp_path / 'tfjs')
     manifest = json.loads((folder / 'model.json').read_text())
     shards = manifest['weightsManifest'][0]['paths']
@@ -446,7 +453,7 @@ def test_tfjs_bad_input(v1_state_files, tmp_path, damage, needle):
     with pytest.raises(KerasFileError, match=needle):
         convert_keras(folder)
     out = tmp_path / 'out'
-    _assert_refused(_cli('convert', str(folder), '-o', str(out)), out, needle)
+    _assert_refused(_cli(capsys, 'convert', str(folder), '-o', str(out)), out, needle)
 
 
 def test_tfjs_accepts_model_json_path(v1_state_files, tmp_path):

@@ -3,8 +3,10 @@
 Every format Keras 2 writes: full-model and weights `.h5`, SavedModel directories (`model.save(dir)`) and
 TF checkpoints (`save_weights('cp.ckpt')`, `ModelCheckpoint(save_weights_only=True)`), each compared with
 Keras 2's own `predict`; a nested base + Dense head; the crc32c against TensorFlow's; and damaged or
-foreign files, each refused naming the file and the tensor. Keras models are built once per module.
+foreign files, each refused naming the file and the tensor. The Keras 2 models and their files are built
+once per test run, for every xdist worker (conftest's `built_once`); tests read them and never change them.
 """
+import functools
 import json
 import os
 import re
@@ -77,7 +79,7 @@ def test_crc32c_is_fast():
 
 # --- Keras 2 models and files, built once ---
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tf_keras() -> Any:
     return import_tf_keras()  # torch and timm first, as everywhere
 
@@ -98,20 +100,29 @@ def _model_checkpoint(tf_keras: Any, model: Any, prefix: Path) -> None:
     callback.on_epoch_end(0, logs={})
 
 
-@pytest.fixture(scope='module')
-def flat(tf_keras, tmp_path_factory) -> Dict[str, Any]:
-    """ResNet50V2 with a 10-class top, seeded random weights and BN statistics, in every Keras 2 format."""
+def _save_outputs(path: Path, outputs: Dict[int, np.ndarray]) -> None:
+    np.savez(path, **{str(size): value for size, value in outputs.items()})
+
+
+def _load_outputs(path: Path) -> Dict[int, np.ndarray]:
+    with np.load(path) as saved:
+        return {int(size): saved[size] for size in saved.files}
+
+
+FLAT_FILES = {
+    'full_h5': 'model.h5',
+    'weights_h5': 'weights.h5',
+    'saved_model': 'saved_model',
+    'tf_checkpoint': 'ckpt/cp.ckpt',
+    'model_checkpoint': 'training_1/cp.ckpt',
+}
+
+
+def _build_flat(tf_keras: Any, root: Path) -> None:
     tf_keras.utils.set_random_seed(0)
     model = tf_keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES, classifier_activation=None)
     randomize_weights(model, seed=1)
-    root = tmp_path_factory.mktemp('flat')
-    files = {
-        'full_h5': root / 'model.h5',
-        'weights_h5': root / 'weights.h5',
-        'saved_model': root / 'saved_model',
-        'tf_checkpoint': root / 'ckpt' / 'cp.ckpt',
-        'model_checkpoint': root / 'training_1' / 'cp.ckpt',
-    }
+    files = {name: root / relative for name, relative in FLAT_FILES.items()}
     model.save(files['full_h5'])
     model.save_weights(files['weights_h5'])
     model.save(files['saved_model'])
@@ -121,14 +132,26 @@ def flat(tf_keras, tmp_path_factory) -> Dict[str, Any]:
     at_97 = tf_keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES, classifier_activation=None,
                                              input_shape=(97, 97, 3))
     at_97.set_weights(model.get_weights())
-    outputs = {224: _predict(model, _images(224)), 97: _predict(at_97, _images(97))}
-    return {'files': files, 'outputs': outputs, 'model': model}
+    _save_outputs(root / 'outputs.npz', {224: _predict(model, _images(224)), 97: _predict(at_97, _images(97))})
 
 
-@pytest.fixture(scope='module')
-def nested(tf_keras, tmp_path_factory) -> Dict[str, Any]:
-    """A no-top ResNet50V2 nested in a model with pooling and a 7-class Dense head, trained one step with
-    `ModelCheckpoint(save_weights_only=True)` (so the checkpoint holds optimizer slots too), then saved."""
+@pytest.fixture(scope='session')
+def flat(tf_keras, built_once) -> Dict[str, Any]:
+    """ResNet50V2 with a 10-class top, seeded random weights and BN statistics, in every Keras 2 format, and
+    Keras 2's `predict` on a seeded batch at 224 and 97 px."""
+    root = built_once('tf2_flat', functools.partial(_build_flat, tf_keras))
+    return {'files': {name: root / relative for name, relative in FLAT_FILES.items()},
+            'outputs': _load_outputs(root / 'outputs.npz')}
+
+
+NESTED_FILES = {
+    'tf_checkpoint': 'training_1/cp.ckpt',
+    'saved_model': 'saved_model',
+    'weights_only': 'weights/cp.ckpt',
+}
+
+
+def _build_nested(tf_keras: Any, root: Path) -> None:
     tf_keras.utils.set_random_seed(0)
     base = tf_keras.applications.ResNet50V2(weights=None, include_top=False, input_shape=(None, None, 3))
     randomize_weights(base, seed=2)
@@ -138,21 +161,30 @@ def nested(tf_keras, tmp_path_factory) -> Dict[str, Any]:
     rng = np.random.default_rng(3)
     head.set_weights([rng.normal(0, 0.03, (2048, HEAD_CLASSES)).astype(np.float32),
                       rng.uniform(-0.1, 0.1, HEAD_CLASSES).astype(np.float32)])
-    root = tmp_path_factory.mktemp('nested')
-    files = {
-        'tf_checkpoint': root / 'training_1' / 'cp.ckpt',
-        'saved_model': root / 'saved_model',
-        'weights_only': root / 'weights' / 'cp.ckpt',
-    }
-    model.compile(optimizer=tf_keras.optimizers.SGD(1e-3), loss='mse')
+    files = {name: root / relative for name, relative in NESTED_FILES.items()}
+    # eagerly: the same step and the same files, without tracing a training graph of ResNet50V2 (seconds)
+    model.compile(optimizer=tf_keras.optimizers.SGD(1e-3), loss='mse', run_eagerly=True)
     x = rng.uniform(-1, 1, (BATCH, 64, 64, 3)).astype(np.float32)
     y = rng.normal(0, 1, (BATCH, HEAD_CLASSES)).astype(np.float32)
     model.fit(x, y, epochs=1, verbose=0, callbacks=[
         tf_keras.callbacks.ModelCheckpoint(str(files['tf_checkpoint']), save_weights_only=True)])
     model.save(files['saved_model'])
     model.save_weights(str(files['weights_only']))
-    outputs = {size: _predict(model, _images(size)) for size in SIZES}
-    return {'files': files, 'outputs': outputs, 'model': model, 'base': base}
+    _save_outputs(root / 'outputs.npz', {size: _predict(model, _images(size)) for size in SIZES})
+    np.savez(root / 'trained.npz', head_kernel=head.get_weights()[0],
+             post_bn_moving_variance=base.get_layer('post_bn').get_weights()[3])
+
+
+@pytest.fixture(scope='session')
+def nested(tf_keras, built_once) -> Dict[str, Any]:
+    """A no-top ResNet50V2 nested in a model with pooling and a 7-class Dense head, trained one step with
+    `ModelCheckpoint(save_weights_only=True)` (so the checkpoint holds optimizer slots too), then saved;
+    Keras 2's `predict` at each size, and the trained head kernel and `post_bn` variance."""
+    root = built_once('tf2_nested', functools.partial(_build_nested, tf_keras))
+    with np.load(root / 'trained.npz') as trained:
+        arrays = {name: trained[name] for name in trained.files}
+    return {'files': {name: root / relative for name, relative in NESTED_FILES.items()},
+            'outputs': _load_outputs(root / 'outputs.npz'), **arrays}
 
 
 def _check_parity(path: Path, outputs: Dict[int, np.ndarray], label: str) -> None:
@@ -197,10 +229,8 @@ def test_nested_base_and_dense_head_match_keras2_predict(nested, name):
 def test_nested_checkpoint_maps_the_trained_head_by_name(nested):
     """The head is read from the file as `predictions`, and its values are the trained Dense's, not the base's."""
     weights = read_keras_weights(nested['files']['tf_checkpoint'])
-    head = nested['model'].layers[-1]
-    np.testing.assert_array_equal(weights.layers['predictions']['kernel'], head.get_weights()[0])
-    post_bn = nested['base'].get_layer('post_bn').get_weights()[3]
-    np.testing.assert_array_equal(weights.layers['post_bn']['moving_variance'], post_bn)
+    np.testing.assert_array_equal(weights.layers['predictions']['kernel'], nested['head_kernel'])
+    np.testing.assert_array_equal(weights.layers['post_bn']['moving_variance'], nested['post_bn_moving_variance'])
     assert not any(name.startswith(('optimizer', 'dense', 'SGD')) for name in weights.layers)
 
 
@@ -423,11 +453,13 @@ def test_a_tf_train_checkpoint_of_other_objects_is_refused(tf_keras, tmp_path):
 
 
 @pytest.mark.keras
-def test_a_keras_model_inside_a_tf_train_checkpoint_is_read(flat, tmp_path):
+def test_a_keras_model_inside_a_tf_train_checkpoint_is_read(tf_keras, flat, tmp_path):
     """`tf.train.Checkpoint(model=model, optimizer=...)`, the custom training loop pattern: the model inside."""
     import tensorflow as tf
 
-    prefix = tf.train.Checkpoint(model=flat['model'], step=tf.Variable(1)).write(str(tmp_path / 'loop' / 'ckpt'))
+    model = tf_keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES, classifier_activation=None)
+    model.load_weights(flat['files']['weights_h5'])
+    prefix = tf.train.Checkpoint(model=model, step=tf.Variable(1)).write(str(tmp_path / 'loop' / 'ckpt'))
     assert convert_keras(prefix).num_classes == NUM_CLASSES
 
 
@@ -442,9 +474,10 @@ def test_a_saved_model_of_another_architecture_is_refused(tf_keras, tmp_path):
 
 
 @pytest.mark.keras
-def test_other_nested_heads_are_refused_with_the_fix(tf_keras, nested, tmp_path):
+def test_other_nested_heads_are_refused_with_the_fix(tf_keras, tmp_path):
     inputs = tf_keras.Input((None, None, 3))
-    pooled = tf_keras.layers.GlobalAveragePooling2D()(nested['base'](inputs))
+    base = tf_keras.applications.ResNet50V2(weights=None, include_top=False, input_shape=(None, None, 3))
+    pooled = tf_keras.layers.GlobalAveragePooling2D()(base(inputs))
     two_dense = tf_keras.Model(inputs, tf_keras.layers.Dense(3)(tf_keras.layers.Dense(16)(pooled)))
     two_dense.save_weights(str(tmp_path / 'two' / 'cp.ckpt'))
     _refused(tmp_path / 'two', tmp_path, 'nested model', 'include_top=True', '.keras file')

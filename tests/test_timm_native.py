@@ -13,6 +13,7 @@ import torch
 from timm.data import ImageNetInfo
 
 import resnetv2_zoo
+from resnetv2_zoo import cli
 from resnetv2_zoo.errors import WeightsUnavailableError
 from resnetv2_zoo.keras.spec import KERAS_RESNETS
 from resnetv2_zoo.models.keras_weights import is_keras_weights_url, keras_weights_url
@@ -135,17 +136,21 @@ def test_runner_runs_the_script_as_main_with_our_models(tmp_path, launcher):
     argv, registered, path0 = json.loads(proc.stdout.splitlines()[-1])
     assert argv == [str(script), '--model', 'resnet50v2_keras', '-b', '2', '--help'] and registered
     assert path0 == str(tmp_path)
-    # control: the same script without the runner does not know the models
+
+
+@pytest.mark.slow
+def test_a_script_run_without_the_runner_does_not_know_our_models(tmp_path):
+    """Control for the test above (once for both launchers): the same script run plainly."""
+    script = tmp_path / 'benchmark.py'
+    script.write_text(FAKE_SCRIPT)
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert json.loads(plain.stdout.splitlines()[-1])[1] is False
 
 
-@pytest.mark.slow
-def test_runner_without_a_script_says_where_timm_keeps_them(tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'resnetv2_zoo.cli', 'timm', str(tmp_path / 'train.py')],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and 'pytorch-image-models' in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_runner_without_a_script_says_where_timm_keeps_them(tmp_path, capsys):
+    assert cli.main(['timm', str(tmp_path / 'train.py')]) == 2  # in this process: it stops before running anything
+    err = capsys.readouterr().err
+    assert 'pytorch-image-models' in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope='module')
