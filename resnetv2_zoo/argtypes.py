@@ -4,7 +4,7 @@ A bad value then fails in the parser, before anything is loaded or created: argp
 and one `error:` line naming the option, and exits 2 without a traceback.
 """
 import argparse
-from typing import Optional
+from typing import Callable, Optional
 
 __all__ = ['MIN_IMAGE_SIZE', 'MAX_IMAGE_SIZE', 'positive_int', 'non_negative_int', 'image_size', 'optional_path',
            'DefaultsHelpFormatter']
@@ -47,6 +47,26 @@ def image_size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f'expected an image size from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, got {value}')
     return value
+
+
+def float_in(low: float, high: float = float('inf'), low_open: bool = False, high_open: bool = False
+              ) -> Callable[[str], float]:
+    """An argparse type: a float in [low, high] (an open end excludes its bound)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        if not (value > low if low_open else value >= low) or not (value < high if high_open else value <= high):
+            raise argparse.ArgumentTypeError(f'expected a number in {"(" if low_open else "["}{low}, {high}'
+                                             f'{")" if high_open else "]"}, got {value}')
+        return value
+    return parse
+
+
+positive_float = float_in(0, low_open=True)
+non_negative_float = float_in(0)
+fraction = float_in(0, 1, low_open=True, high_open=True)
 
 
 def optional_path(text: str) -> Optional[str]:

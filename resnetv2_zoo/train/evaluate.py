@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from timm.utils import natural_key
 
-from ..argtypes import DefaultsHelpFormatter, image_size, non_negative_int, optional_path, positive_int
+from ..argtypes import DefaultsHelpFormatter, fraction, image_size, non_negative_int, optional_path, positive_int
 from ..errors import ResNetV2ZooError
 from .data import _class_folders, build_transforms, scan_keras_split, scan_labelled_folder
 from .keras_pipeline import KERAS_SUBSETS, PIPELINE_HELP, PIPELINES, check_pipeline
@@ -38,17 +38,6 @@ __all__ = ['ClassReport', 'Report', 'classification_report', 'format_report', 'e
 _logger = logging.getLogger(__name__)
 # evaluate --split: the whole folder, or one subset of Keras's validation_split
 EVALUATE_SPLITS = ('all', 'keras')
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1 (a validation fraction)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f'expected a number between 0 and 1, got {value}')
-    return value
 
 
 @dataclass

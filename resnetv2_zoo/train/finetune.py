@@ -32,7 +32,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..argtypes import MIN_IMAGE_SIZE, image_size, non_negative_int, positive_int
+from ..argtypes import (
+    MIN_IMAGE_SIZE,
+    float_in,
+    fraction,
+    image_size,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from ..errors import ResNetV2ZooError, WeightsUnavailableError
 from ..weights.atomic import atomic_file
 from ..weights.checkpoint import README_NAME, inspect_checkpoint, load_model, save_model_dir, update_model_card
@@ -528,26 +537,6 @@ def save_samples(run: Run) -> None:
 
 
 # --- command line ----------------------------------------------------------------------------------------
-def _float_in(low: float, high: float = float('inf'), low_open: bool = False, high_open: bool = False
-              ) -> Callable[[str], float]:
-    """An argparse type: a float in [low, high] (an open end excludes its bound)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
-        if not (value > low if low_open else value >= low) or not (value < high if high_open else value <= high):
-            raise argparse.ArgumentTypeError(f'expected a number in {"(" if low_open else "["}{low}, {high}'
-                                             f'{")" if high_open else "]"}, got {value}')
-        return value
-    return parse
-
-
-positive_float = _float_in(0, low_open=True)
-non_negative_float = _float_in(0)
-fraction = _float_in(0, 1, low_open=True, high_open=True)
-
-
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group('data')
     data.add_argument('--data', help='training images: a folder of class folders, or a dataset root of train/ '
@@ -587,16 +576,16 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument('--warmup-epochs', type=non_negative_int)
     recipe.add_argument('--decay-epochs', type=positive_float, help='step scheduler: epochs between decays')
     recipe.add_argument('--decay-rate', type=positive_float, help='step scheduler: lr factor per decay')
-    recipe.add_argument('--label-smoothing', type=_float_in(0, 1, high_open=True))
+    recipe.add_argument('--label-smoothing', type=float_in(0, 1, high_open=True))
     recipe.add_argument('--augment', action=argparse.BooleanOptionalAction, default=None,
                         help='random resized crops, flips and colour jitter on training images')
     recipe.add_argument('--clip-grad', type=non_negative_float, help='gradient norm limit (0: none)')
     recipe.add_argument('--freeze-epochs', type=non_negative_int,
                         help=f'epochs training only the new head first (default {DEFAULTS["freeze_epochs"]})')
-    recipe.add_argument('--bn-momentum', type=_float_in(0, 1),
+    recipe.add_argument('--bn-momentum', type=float_in(0, 1),
                         help="BatchNorm running-statistics momentum (PyTorch convention, default 0.1); Keras's 0.01 "
                              'suits long ImageNet training but lags far behind the weights over a short fine-tune')
-    recipe.add_argument('--ema-decay', type=_float_in(0, 1, high_open=True),
+    recipe.add_argument('--ema-decay', type=float_in(0, 1, high_open=True),
                         help='keep and evaluate an EMA of the weights (default 0: none)')
     run = parser.add_argument_group('run')
     run.add_argument('--out', help='run folder for checkpoints, metrics and figures: new, empty, or a run folder '

@@ -25,7 +25,7 @@ import torch
 from timm.models import adapt_input_conv
 
 from .. import __version__
-from ..argtypes import DefaultsHelpFormatter
+from ..argtypes import DefaultsHelpFormatter, positive_float
 from ..errors import KerasFileError, ResNetV2ZooError
 from ..keras.architecture import (
     HIDDEN_ACTIVATIONS,
@@ -714,7 +714,7 @@ def register(subparsers: Any) -> None:
         'model options', 'what a weights-only file (save_weights, ModelCheckpoint(save_weights_only=True)) cannot say; '
         'each overrides what a .keras or full-model .h5 file declares. Default: what the file declares, else '
         'keras.applications\' choice (printed as assumed)')
-    group.add_argument('--bn-eps', type=float, default=None, metavar='EPS',
+    group.add_argument('--bn-eps', type=positive_float, default=None, metavar='EPS',
                        help="every BatchNorm epsilon: 1.001e-5 in keras.applications, 1e-3 for a BatchNormalization() "
                             'built by hand')
     group.add_argument('--pooling', choices=('avg', 'max'), default=None, help='global pooling before the head')
