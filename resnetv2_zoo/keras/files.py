@@ -55,6 +55,7 @@ KERAS3_VAR_NAMES: Dict[str, Tuple[str, ...]] = {
     'conv2d': ('kernel', 'bias'),
     'dense': ('kernel', 'bias'),
     'batch_normalization': ('gamma', 'beta', 'moving_mean', 'moving_variance'),
+    'normalization': ('mean', 'variance', 'count'),  # an adapted input Normalization (see keras.architecture)
 }
 
 
@@ -595,8 +596,11 @@ def _read_dataset(dataset: Any, source: str, layer: str, var: str) -> np.ndarray
 
 
 def _as_float32(value: np.ndarray, source: str, layer: str, var: str) -> np.ndarray:
-    """float16/32/64 become float32 (exact for 16, rounded for 64); anything else is not a weight."""
+    """float16/32/64 become float32 (exact for 16, rounded for 64); anything else is not a weight, except the sample
+    counter of an adapted Normalization layer (`count`, an integer), which is not used."""
     value = np.asarray(value)
+    if value.dtype.kind in 'iu' and var == 'count' and value.size == 1:
+        return value.astype(np.float32)
     if value.dtype.kind != 'f':
         raise KerasFileError(f'{source}: layer {layer!r} variable {var!r} has dtype {value.dtype}; '
                              'expected floating point weights')

@@ -166,7 +166,7 @@ def _drop_output_activation(keras_model: Any, record: Dict[str, Any]) -> bool:
     for layer in _all_layers(keras_model):
         if layer.name == last and hasattr(layer, 'activation'):
             name = getattr(layer.activation, '__name__', '')
-            if name == head[-1]['activation'] or name == 'linear':
+            if name == head[-1]['activation'] and name != 'linear':  # the Dense applies it: made to give logits
                 layer.activation = runtime.import_keras().activations.linear if _is_keras3(layer) else \
                     runtime.import_tf_keras().activations.linear
                 return True
