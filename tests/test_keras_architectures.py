@@ -421,3 +421,25 @@ def test_weights_only_metadata_records_the_options(variants, tmp_path):
     assert config['num_classes'] == NUM_CLASSES and 'softmax' in json.dumps(config)
     diff, tolerance = parity(load_model(out), variant.output_act, variant.outputs(IMAGES))
     assert diff <= tolerance, f'loaded back from {out}: max |keras - ours| = {diff:.3g} > {tolerance:.3g}'
+
+
+def test_adapted_normalization_unbiased_dense_and_activation_layer(variants, tmp_path, capsys):
+    """An adapted Normalization (statistics in the weights, an integer `count` beside them), a Dense without bias and
+    the sigmoid in its own Activation layer: converted exactly, and `--verify` compares probabilities, since the
+    activation is not in the Dense it could switch off."""
+    keras = import_keras()
+    layers = keras.layers
+    normalization = layers.Normalization()
+    normalization.adapt(raw_images(batch_size=4, seed=3))
+    inputs = keras.Input((IMAGES.shape[1], IMAGES.shape[2], 3))
+    x = layers.GlobalAveragePooling2D()(variants.base('maps')(normalization(inputs)))
+    dense = layers.Dense(NUM_CLASSES, use_bias=False)
+    model = keras.Model(inputs, layers.Activation('sigmoid')(dense(x)))
+    dense.set_weights([np.random.default_rng(5).normal(0, 2048 ** -0.5, (2048, NUM_CLASSES)).astype(np.float32)])
+    path = tmp_path / 'adapted.keras'
+    model.save(path)
+    converted = convert_keras(path)
+    assert converted.output_activation == 'sigmoid' and 'Normalization' in converted.summary
+    assert_parity(converted, np.asarray(model(IMAGES)))
+    code, text = _cli_convert([path, '-o', tmp_path / 'out', '--verify'], capsys)
+    assert code == 0 and 'probabilities' in text and 'PASS' in text, text
