@@ -13,6 +13,7 @@ import argparse
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from .checkpoint import (
     set_output_activation,
 )
 
+_logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 ARCHS = tuple(KERAS_RESNETS)
 MAX_LISTED = 12  # problems listed per kind in an error message
@@ -409,8 +411,7 @@ def _convert_and_write(source: Union[PathLike, Any], out: Path, arch: str, label
     check_writable_parent(out)
     _check_output(source, out, single_file)
     converted = convert_keras(source, arch, allow_nonfinite, options)
-    if announce is not None:
-        announce(converted.summary)
+    (announce or _logger.info)(converted.summary)  # the command prints it; the Python API logs it
     _check_labels(label_names, converted.num_classes)
     parity: Dict[str, str] = {}
     if verify:
