@@ -16,7 +16,7 @@ as float32. `h5py_read` holds one tensor at a time, so its peak is the largest t
 
     python benchmarks/convert_speed.py                       # all three depths, 3 rounds
     python benchmarks/convert_speed.py --archs resnet50v2_keras --rounds 1
-    python benchmarks/convert_speed.py --archs resnet50v2_keras --rounds 1 --warmup-rounds 0 --share-worker  # smoke
+    python benchmarks/convert_speed.py --archs resnet50v2_keras --rounds 1 --warmup-rounds 0 --in-process  # smoke
 """
 import argparse
 import os
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from bench_utils import RESULTS_DIR, Worker, machine_tag, markdown_table, run_script, serve, write_results
+from bench_utils import RESULTS_DIR, LocalWorker, Worker, machine_tag, markdown_table, run_script, serve, write_results
 
 from resnetv2_zoo.keras.spec import KERAS_RESNETS
 
@@ -61,7 +61,8 @@ def measure(fn: Callable[[], Any]) -> Dict[str, float]:
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, peak_mb=proc_status_mb('VmHWM') - before)
+    # the kernel updates the peak lazily: one read just after the reset can be a page or two below the RSS
+    return dict(seconds=seconds, peak_mb=max(0.0, proc_status_mb('VmHWM') - before))
 
 
 def h5py_read(path: str) -> int:
@@ -116,12 +117,16 @@ def keras_methods(fmt: str) -> Dict[str, Callable[[str, str], Any]]:
     return dict(keras_load=lambda arch, path: build(arch).load_weights(path), make_file=make_file)
 
 
-def worker_main(spec: Dict[str, Any]) -> None:
+def worker_handlers(spec: Dict[str, Any]) -> Dict[str, Callable[..., Dict[str, Any]]]:
     methods = keras_methods(spec['format']) if spec['kind'] == 'keras' else torch_methods(spec['cache'])
-    serve(dict(
+    return dict(
         run=lambda method, arch, path: measure(lambda: methods[method](arch, path)),
         weights_mb=lambda path: dict(weights_mb=h5py_read(path) / 2 ** 20),
-    ))
+    )
+
+
+def worker_main(spec: Dict[str, Any]) -> None:
+    serve(worker_handlers(spec))
 
 
 # ---- parent side ------------------------------------------------------------------------------------------
@@ -174,6 +179,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--share-worker', action='store_true',
                         help='run the torch methods in one worker process: starts faster (the smoke test), but '
                              'memory one method freed can lower the peak rise of the next')
+    parser.add_argument('--in-process', action='store_true',
+                        help='run every method in this process, not in worker processes: starts in seconds (the '
+                             'smoke test), but torch and TensorFlow share the process, so figures are not comparable')
     parser.add_argument('--work-dir', type=Path, help='keep (and reuse) the Keras files here; default: a temp dir')
     parser.add_argument('--out-dir', type=Path, default=RESULTS_DIR)
     parser.add_argument('--name', default='', help='suffix for the results files')
@@ -189,9 +197,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         work = args.work_dir or Path(tmp)
         (work / 'cache').mkdir(parents=True, exist_ok=True)
         spec = dict(format=args.format, cache=str(work / 'cache'))
-        shared = Worker(__file__, dict(spec, kind='torch')) if args.share_worker else None
-        workers = {m: shared or Worker(__file__, dict(spec, kind='torch')) for m in TORCH_METHODS}
-        workers.update({m: Worker(__file__, dict(spec, kind='keras')) for m in KERAS_METHODS})
+        if args.in_process:
+            local = {kind: LocalWorker(worker_handlers, dict(spec, kind=kind)) for kind in ('torch', 'keras')}
+            workers = {m: local['torch'] for m in TORCH_METHODS}
+            workers.update({m: local['keras'] for m in KERAS_METHODS})
+        else:
+            shared = Worker(__file__, dict(spec, kind='torch')) if args.share_worker else None
+            workers = {m: shared or Worker(__file__, dict(spec, kind='torch')) for m in TORCH_METHODS}
+            workers.update({m: Worker(__file__, dict(spec, kind='keras')) for m in KERAS_METHODS})
         try:
             rows = [bench_arch(arch, workers, args, work) for arch in args.archs]
         finally:

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, List, Tuple
 
 # `make test` runs the suite in two pytest-xdist workers on the two cores: one compute thread each (and in the
 # processes they start), or every worker's torch and TensorFlow would spin on both cores at once.
@@ -31,12 +31,45 @@ WEATHER4 = SHARED / 'data' / 'weather4'
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    items[:] = schedule_for_two_workers(items)
     if SHARED.is_dir():
         return
     skip = pytest.mark.skip(reason=f'needs the shared data directory {SHARED}, absent here')
     for item in items:
         if 'shared_data' in item.keywords:
             item.add_marker(skip)
+
+
+def _estimated_cost(item: pytest.Item) -> float:
+    """Rough seconds, from the tiers: what the schedule needs is only which modules are heavy."""
+    return 4.0 if item.get_closest_marker('slow') else 1.0 if item.get_closest_marker('keras') else 0.1
+
+
+def schedule_for_two_workers(items: list) -> list:
+    """The test order, for `make test`'s `pytest -n 2 --dist worksteal`.
+
+    worksteal hands each worker one half of the list (by count, in order) and lets a worker that runs out take
+    the last half of the other's queue. So: each module stays in one piece (its module-scoped fixtures are built
+    once), the heavy modules are shared between the two halves by estimated cost, and each half runs its heaviest
+    modules first and its light ones last, so that what is stolen, and what runs at the very end, is short.
+    The second half holds at most its share of the items, so that the boundary falls on the first half's light
+    tail, never on the second half's heavy head. Without xdist the order is only a reordering of whole modules.
+    """
+    modules: Dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split('::')[0], []).append(item)
+    cost = {name: sum(map(_estimated_cost, group)) for name, group in modules.items()}
+    ranked = sorted(modules, key=lambda name: -cost[name])
+    heavy, light = ranked[:len(ranked) // 2], ranked[len(ranked) // 2:]
+    halves: Tuple[List[str], List[str]] = ([], [])
+    for name in heavy:  # the next heaviest module to the half with less estimated work
+        halves[min((0, 1), key=lambda h: sum(cost[m] for m in halves[h]))].append(name)
+    second_share = len(items) - len(items) // 2
+    for name in sorted(light, key=lambda name: -len(modules[name])):
+        fits = sum(len(modules[m]) for m in halves[1]) + len(modules[name]) <= second_share
+        halves[1 if fits else 0].append(name)
+    order = [name for half in halves for name in sorted(half, key=lambda name: -cost[name])]
+    return [item for name in order for item in modules[name]]
 
 
 @pytest.fixture(autouse=True)

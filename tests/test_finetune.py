@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from children import CLI, python_child
 from PIL import Image
 from timm.data import ImageNetInfo
 
@@ -227,13 +228,9 @@ def straight(resume_data) -> Path:
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(resume_data, straight, tmp_path):
     killed = tmp_path / 'killed'
-    child = subprocess.Popen([sys.executable, '-m', 'resnetv2_zoo.cli', *tiny_argv(resume_data, killed, *RESUME_ARGV)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    for line in child.stderr:
-        if 'saved resume checkpoint at epoch 2, step 2/4' in line:
-            child.send_signal(signal.SIGKILL)
-            break
+    child = python_child(CLI, *tiny_argv(resume_data, killed, *RESUME_ARGV))  # `python -m resnetv2_zoo.cli`
+    child.wait_for_stderr('saved resume checkpoint at epoch 2, step 2/4', timeout=600)
+    child.send_signal(signal.SIGKILL)
     child.wait(timeout=600)
     assert child.returncode == -signal.SIGKILL
     assert len(read_metrics(killed)) == 1  # killed inside the second epoch
@@ -244,8 +241,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(resume_data, s
 def test_resume_after_sigkill_during_a_checkpoint_write(resume_data, straight, tmp_path):
     """Killed while the second resume checkpoint is half-written: the first one, intact, is resumed from."""
     killed = tmp_path / 'killed'
-    child = subprocess.Popen([sys.executable, '-m', 'resnetv2_zoo.cli', *tiny_argv(resume_data, killed, *RESUME_ARGV)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = python_child(CLI, *tiny_argv(resume_data, killed, *RESUME_ARGV))
     temporaries = set()
     while len(temporaries) < 2 and child.poll() is None:
         names = os.listdir(killed) if killed.is_dir() else []
@@ -290,8 +286,9 @@ def test_ddp_two_cpu_processes_through_torchrun(tmp_path):
 def test_real_photos_beat_chance(weather4, tmp_path):
     out = tmp_path / 'run'
     assert main(['finetune', '--data', str(weather4 / 'train'), '--val-data', str(weather4 / 'val'), '--out',
-                 str(out), '--img-size', '32', '--epochs', '3', '--no-pretrained', '--workers', '0']) == 0
+                 str(out), '--img-size', '32', '--epochs', '2', '--no-pretrained', '--workers', '0']) == 0
     summary = json.loads((out / RUN_FILES['summary']).read_text())
     assert summary['val_images'] == 223 and summary['skipped_images'] == 0
-    # chance is 25%; measured 79.8% (2 CPU threads, seed 0): the margin leaves room for other CPUs and versions
-    assert summary['best_val_acc'] > 0.25 + 0.35
+    # chance is 25%; measured after 2 epochs (1 CPU thread): 65.0%, 76.7%, 70.9% with --seed 0, 1, 2 (3 epochs:
+    # 76.7% with seed 0, 10 CPU-seconds more). Twice chance leaves room for other CPUs and versions.
+    assert summary['best_val_acc'] > 0.25 + 0.25

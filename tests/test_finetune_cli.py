@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from children import run_python
 from PIL import Image
 
 import resnetv2_zoo
@@ -157,8 +157,7 @@ print(json.dumps(result))
 def test_timm_model_offline_falls_back_with_our_notice_or_fails_in_one_line(split_root, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), RESNETV2_ZOO_CACHE=str(tmp_path / 'c'))
     out = tmp_path / 'run'
-    proc = subprocess.run([sys.executable, '-c', _OFFLINE_CHILD, str(split_root), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python(_OFFLINE_CHILD, str(split_root), str(out), env=env, timeout=300)  # `python -c`, pre-imported
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['control'] == 'LocalEntryNotFoundError'

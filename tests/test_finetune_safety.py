@@ -9,13 +9,12 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from children import CLI, python_child
 
 import resnetv2_zoo  # noqa: F401  (registers the models with timm)
 from resnetv2_zoo.cli import main
@@ -137,9 +136,9 @@ HOLDER = textwrap.dedent('''
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_holder_does_not_block(tmp_path):
     run = tmp_path / 'run'
-    child = subprocess.Popen([sys.executable, '-c', HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    child = python_child(HOLDER, str(run))
     try:
-        assert child.stdout.readline().strip() == 'held'
+        assert child.wait_for_stdout('\n', 120).strip() == 'held'
         held_by_child = f'in use by a running finetune \\(pid {child.pid} on '
         with pytest.raises(ResNetV2ZooError, match=held_by_child), hold_run_folder(run, fresh=False):
             pass
@@ -246,19 +245,12 @@ def test_resume_with_more_epochs_extends_the_run_on_a_rebuilt_schedule(data, tmp
 @pytest.mark.slow
 def test_ctrl_c_during_an_epoch_exits_130_with_a_resume_hint(data, tmp_path):
     run = tmp_path / 'run'
-    child = subprocess.Popen(
-        [sys.executable, '-m', 'resnetv2_zoo.cli', 'finetune', '--data', str(data), '--out', str(run), '--epochs',
-         '2', '--val-split', '0.25', '--checkpoint-every', '1', *TINY],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    lines = []
-    for line in child.stderr:
-        lines.append(line)
-        if 'saved resume checkpoint at epoch 1, step 1/2' in line:
-            child.send_signal(signal.SIGINT)
-            break
-    lines += child.stderr.readlines()
+    child = python_child(CLI, 'finetune', '--data', str(data), '--out', str(run), '--epochs', '2', '--val-split',
+                         '0.25', '--checkpoint-every', '1', *TINY)  # `python -m resnetv2_zoo.cli finetune ...`
+    child.wait_for_stderr('saved resume checkpoint at epoch 1, step 1/2', timeout=600)
+    child.send_signal(signal.SIGINT)
     assert child.wait(timeout=600) == 130
-    err = ''.join(lines)
+    err = child.read_stderr()
     assert 'Traceback' not in err and err.count('interrupted') == 1, err
     assert err.rstrip().splitlines()[-1].endswith(f'interrupted; resume with: resnetv2-zoo finetune --resume {run}')
     assert read_resume_state(run)['progress']['step'] == 1  # last.pt intact: the mid-epoch checkpoint

@@ -14,8 +14,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Tuple
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from children import python_child, run_python
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
 from resnetv2_zoo import cli
@@ -38,7 +37,7 @@ ARCH = 'resnet50v2_keras'
 TOP_FILE = 'resnet50v2_weights_tf_dim_ordering_tf_kernels.h5'
 NOTOP_FILE = 'resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5'
 CONVERTED = f'{ARCH}.tf_in1k'
-NUM_PROCESSES = 4  # racing for one empty cache: more would only repeat the race (each child imports torch and timm)
+NUM_PROCESSES = 4  # racing for one empty cache: more would only repeat the race
 
 pytestmark = pytest.mark.keras
 
@@ -351,14 +350,11 @@ def test_concurrent_processes_convert_once(caches, server, keras_files, tmp_path
     go = tmp_path / 'go'
     children = []
     try:
-        for i in range(NUM_PROCESSES):
-            with open(tmp_path / f'child{i}.err', 'w') as stderr:
-                children.append(subprocess.Popen(
-                    [sys.executable, '-c', _CONCURRENT_CHILD, json.dumps(keras_files.md5s),
-                     str(keras_files.dir / 'x.npy'), str(tmp_path / f'logits{i}.npy'), str(go)],
-                    stdout=subprocess.PIPE, stderr=stderr, text=True))
+        for i in range(NUM_PROCESSES):  # separate processes, forked from the pre-imported forkserver
+            children.append(python_child(_CONCURRENT_CHILD, json.dumps(keras_files.md5s),
+                                         str(keras_files.dir / 'x.npy'), str(tmp_path / f'logits{i}.npy'), str(go)))
         for child in children:
-            assert child.stdout.readline().strip() == 'ready'
+            assert child.wait_for_stdout('ready\n', 300) == 'ready\n'
         go.touch()  # every child has imported everything and waits: they race for the empty cache from here
         for child in children:
             child.wait(timeout=300)
@@ -366,10 +362,9 @@ def test_concurrent_processes_convert_once(caches, server, keras_files, tmp_path
         for child in children:
             if child.poll() is None:
                 child.kill()
-                child.wait()
-            child.stdout.close()
-    for i, child in enumerate(children):
-        assert child.returncode == 0, (tmp_path / f'child{i}.err').read_text()[-3000:]
+                child.wait(60)
+    for child in children:
+        assert child.returncode == 0, child.read_stderr()[-3000:]
     assert server == [f'/{TOP_FILE}']  # one download, so one conversion
     assert _cache_entries(caches) == _converted_files()
     outputs = [np.load(tmp_path / f'logits{i}.npy') for i in range(NUM_PROCESSES)]
@@ -381,9 +376,10 @@ def test_concurrent_processes_convert_once(caches, server, keras_files, tmp_path
 def test_loading_never_imports_tensorflow(caches, keras_files, tmp_path):
     _put_in_keras_cache(keras_files, TOP_FILE)
     out = tmp_path / 'logits.npz'
-    result = subprocess.run(
-        [sys.executable, '-c', _NO_TENSORFLOW_CHILD, json.dumps(keras_files.md5s),
-         str(keras_files.dir / 'x.npy'), str(out)], capture_output=True, text=True)
+    # a child process forked from the forkserver, which imported torch, timm and resnetv2_zoo but not TensorFlow:
+    # had any of those imported it, the blocker's own check and `check_no_tensorflow` would fail
+    result = run_python(_NO_TENSORFLOW_CHILD, json.dumps(keras_files.md5s), str(keras_files.dir / 'x.npy'), str(out),
+                        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(pretrained.keras_cache_dir().iterdir()) == []  # the second model came from the package cache
     logits = np.load(out)

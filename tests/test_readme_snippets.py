@@ -1,9 +1,9 @@
 """Every ```python snippet in README.md runs, as a reader would run it, offline.
 
-Each snippet runs in its own subprocess, after the import lines of the snippets above it (a reader who
-follows the README has run those); a snippet that uses a name it does not define (`model` from the one
-above) runs after the snippet above it, as in the reader's session. It runs in a temporary working
-directory that holds what the snippets name:
+Each snippet runs in its own process (`python -c`, forked already imported: tests/children.py), after the
+import lines of the snippets above it (a reader who follows the README has run those); a snippet that uses a
+name it does not define (`model` from the one above) runs after the snippet above it, as in the reader's
+session. It runs in a temporary working directory that holds what the snippets name:
 
   birds_model/   a model directory (resnet50v2_keras, 3 classes: cardinal, blue jay, robin; seeded weights)
   photo.jpg      a small photo
@@ -19,7 +19,6 @@ import ast
 import builtins
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from children import run_python
 from PIL import Image
 from timm.data import ImageNetInfo
 
@@ -147,7 +147,6 @@ def test_readme_snippet_runs(index, weights_cache, tmp_path):
     make_files(cwd, code)
     env = dict(os.environ, RESNETV2_ZOO_CACHE=str(weights_cache), HF_HUB_OFFLINE='1',
                KERAS_HOME=str(tmp_path / 'keras'), MPLBACKEND='Agg')
-    proc = subprocess.run([sys.executable, '-c', program(index)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_python(program(index), cwd=cwd, env=env, timeout=600)  # `python -c`, pre-imported
     error = proc.stderr.strip().splitlines()[-1:] if proc.returncode else []
     assert proc.returncode == 0, f'README.md:{line}: the snippet fails: {error}\n{proc.stderr[-2000:]}'

@@ -5,7 +5,6 @@ The Keras files here are written with h5py from a timm model (`write_legacy_h5`)
 tests run without TensorFlow and can make many damaged copies quickly; test_convert.py covers the files
 Keras itself writes, except in the truncation family, whose `keras`-marked cases cut the files Keras writes.
 """
-import ctypes
 import dataclasses
 import io
 import os
@@ -13,8 +12,6 @@ import pickle
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -26,6 +23,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from children import Child, python_child, run_python
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keras_helpers import write_legacy_h5
@@ -281,15 +279,6 @@ import sys
 from resnetv2_zoo.cli import main
 sys.exit(main(['convert', *sys.argv[1:]]))
 """
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-def _without_root_file_access() -> None:
-    """In the child before exec: drop the capabilities that let root ignore file permissions."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP)')
 
 
 @pytest.mark.slow
@@ -299,10 +288,8 @@ def test_refuses_an_output_in_a_read_only_directory(keras_h5, tmp_path):
     read_only.mkdir()
     read_only.chmod(0o555)
     for name, extra in (('model', []), ('model.safetensors', ['--single-file'])):
-        result = subprocess.run(
-            [sys.executable, '-c', _CONVERT_CHILD, str(keras_h5), '-o', str(read_only / name), *extra],
-            capture_output=True, text=True, timeout=300,
-            preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+        result = run_python(_CONVERT_CHILD, str(keras_h5), '-o', str(read_only / name), *extra, timeout=300,
+                            no_root_file_access=True)
         assert result.returncode == 2, result.stderr[-2000:]
         assert f'cannot write {read_only / name}: Permission denied' in result.stderr
         assert list(read_only.iterdir()) == []
@@ -359,7 +346,7 @@ def _entries(directory: Path) -> List[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def _kill_when(child: subprocess.Popen, appears, delay: float, timeout: float = 300) -> bool:
+def _kill_when(child: Child, appears, delay: float, timeout: float = 300) -> bool:
     """SIGKILL `child` `delay` seconds after `appears()` turns true; False if it finished first."""
     deadline = time.monotonic() + timeout
     while not appears():
@@ -392,8 +379,7 @@ def test_kill_during_conversion_leaves_no_partial_output(keras_h5, expected, tmp
         if previous:
             save_model_dir(timm.create_model(ARCH, num_classes=0), out)  # another model, to tell them apart
             previous_state = load_model(out).state_dict()
-        child = subprocess.Popen([sys.executable, '-c', _CONVERT_CHILD, str(keras_h5), '-o', str(out)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = python_child(_CONVERT_CHILD, str(keras_h5), '-o', str(out))
         kills += _kill_when(child, lambda d=parent: any(n.startswith('.model.') for n in os.listdir(d)), delay)
         assert all(n == 'model' or n.startswith('.model.') for n in _entries(parent)), _entries(parent)
         if out.exists():  # the rename is atomic: a model directory that is there is the old or the new one, whole
@@ -436,8 +422,7 @@ def test_kill_during_the_pretrained_cache_fill(keras_cache, tmp_path, monkeypatc
     env = dict(os.environ, RESNETV2_ZOO_CACHE=str(cache), KERAS_HOME=str(keras_cache), RESNETV2_ZOO_OFFLINE='1')
     kills = 0
     for delay in (0.0, 0.15, 0.4):
-        child = subprocess.Popen([sys.executable, '-c', _CACHE_CHILD, md5], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = python_child(_CACHE_CHILD, md5, env=env)
         kills += _kill_when(child, lambda: cache.is_dir() and any(n.endswith('.tmp') for n in os.listdir(cache)),
                             delay)
         found = pretrained._find_converted(ARCH, (True,))
@@ -485,8 +470,7 @@ def test_disk_full_while_writing_keeps_the_previous_file(keras_h5, tmp_path):
     for argv in (['convert', str(keras_h5), '-o', str(out)],
                  ['convert', str(keras_h5), '-o', str(checkpoint), '--single-file'],
                  ['checkpoint', str(checkpoint)]):
-        result = subprocess.run([sys.executable, '-c', _DISK_FULL_CHILD, limit, *argv], capture_output=True,
-                                text=True, timeout=300)
+        result = run_python(_DISK_FULL_CHILD, limit, *argv, timeout=300)
         assert result.returncode in (1, 2), result.stderr[-2000:]
         assert 'cannot write' in result.stderr and 'File too large' in result.stderr, result.stderr[-2000:]
         assert str(tmp_path) in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]

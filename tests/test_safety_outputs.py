@@ -24,6 +24,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+from children import python_child
 from keras_helpers import write_legacy_h5
 
 import resnetv2_zoo  # noqa: F401  (registers the models with timm)
@@ -229,11 +230,9 @@ def test_outputs_follow_the_umask(tmp_path):
     for umask in (0o022, 0o077):
         root = tmp_path / f'umask_{umask:03o}'
         root.mkdir()
-        children[umask] = root, subprocess.Popen([sys.executable, '-c', _UMASK_CHILD, str(root)],
-                                                 preexec_fn=lambda u=umask: os.umask(u), stderr=subprocess.PIPE,
-                                                 text=True)
+        children[umask] = root, python_child(_UMASK_CHILD, str(root), umask=umask)
     for umask, (root, child) in children.items():
-        assert child.wait(timeout=300) == 0, child.stderr.read()[-2000:]
+        assert child.wait(timeout=300) == 0, child.read_stderr()[-2000:]
         modes = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root / 'model', *root.rglob('*')]}
         assert sorted(modes) == ['metrics.csv', 'model', 'model.safetensors', 'model/README.md',
                                  f'model/{CONFIG_NAME}', f'model/{WEIGHTS_NAME}']
@@ -261,9 +260,7 @@ def test_ctrl_c_during_convert_leaves_nothing_behind(keras_h5, tmp_path, phase, 
     if phase == 'writing':
         own_weights_file(out) if single_file else own_model_dir(out)
     before = snapshot(tmp_path)
-    child = subprocess.Popen([sys.executable, '-c', _CONVERT_CHILD, str(keras_h5), '-o', str(out),
-                              *(['--single-file'] if single_file else [])],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = python_child(_CONVERT_CHILD, str(keras_h5), '-o', str(out), *(['--single-file'] if single_file else []))
     if phase == 'reading':
         started = lambda: _opened(child.pid, keras_h5)  # noqa: E731
     else:

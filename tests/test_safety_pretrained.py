@@ -7,7 +7,6 @@ place of the folder, and a folder of another account, by dropping root or by chm
 written with h5py from a seeded timm model (`write_legacy_h5`), so nothing here needs TensorFlow.
 """
 import contextlib
-import ctypes
 import http.server
 import json
 import logging
@@ -16,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +24,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 import timm
 import torch
+from children import Child, python_child, run_python
 from keras_helpers import write_legacy_h5
 from test_pretrained import NOTOP_FILE, TOP_FILE, KerasFiles, _cache_entries, _md5, _serve, caches  # noqa: F401
 
@@ -112,8 +111,8 @@ def _assert_reference_weights(model: torch.nn.Module, keras_files: KerasFiles) -
 
 
 def _run_child(code: str, keras_files: KerasFiles, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-c', code, _md5s_json(keras_files), *args], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, **kwargs)
+    """`python -c code MD5S *args`, from the pre-imported forkserver (tests/children.py)."""
+    return run_python(code, _md5s_json(keras_files), *args, timeout=300, cwd=REPO, **kwargs)
 
 
 def _md5s_json(keras_files: KerasFiles) -> str:
@@ -210,8 +209,8 @@ def test_bad_timeout_settings_are_refused_not_read_as_forever(cache, monkeypatch
     monkeypatch.setenv(name, value)
     with contextlib.ExitStack() as stack:
         if name == 'RESNETV2_ZOO_LOCK_TIMEOUT':  # read only when the lock is busy
-            holder = stack.enter_context(_process([sys.executable, '-c', _HOLD_LOCK, str(pretrained._lock_path(ARCH))]))
-            assert holder.stdout.readline() == 'locked\n'
+            holder = stack.enter_context(_process(_HOLD_LOCK, str(pretrained._lock_path(ARCH))))
+            assert holder.wait_for_stdout('locked\n', 60) == 'locked\n'
         with pytest.raises(ResNetV2ZooError) as info:
             timm.create_model(ARCH, pretrained=True)
     assert type(info.value) is ResNetV2ZooError  # not WeightsUnavailableError: finetune must not fall back on it
@@ -231,14 +230,15 @@ time.sleep(600)
 
 
 @contextlib.contextmanager
-def _process(argv: List[str], **kwargs) -> Iterator[subprocess.Popen]:
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, **kwargs)
+def _process(code: str, *args: str) -> Iterator[Child]:
+    """`python -c code *args` running (from the pre-imported forkserver) for the `with` block, then killed."""
+    child = python_child(code, *args, cwd=REPO)
     try:
         yield child
     finally:
         if child.poll() is None:
             child.kill()
-        child.communicate()
+        child.communicate(60)
 
 
 @pytest.mark.slow
@@ -246,8 +246,8 @@ def test_lock_held_by_a_live_process_gives_up_with_one_message(cache, keras_file
     """The waiter is a fresh process with no logging set up, as under the CLI: the message reaches stderr once."""
     monkeypatch.setenv('RESNETV2_ZOO_LOCK_TIMEOUT', str(TIMEOUT_S))
     lock = pretrained._lock_path(ARCH)
-    with _process([sys.executable, '-c', _HOLD_LOCK, str(lock)]) as holder:
-        assert holder.stdout.readline() == 'locked\n'
+    with _process(_HOLD_LOCK, str(lock)) as holder:
+        assert holder.wait_for_stdout('locked\n', 60) == 'locked\n'
         waiter = _run_child(_CREATE_CHILD, keras_files)
         assert holder.poll() is None
     assert waiter.returncode == 0, waiter.stderr[-3000:]
@@ -266,7 +266,7 @@ def test_lock_of_a_killed_process_never_blocks(cache, keras_files, monkeypatch, 
     with _faulty_server('stall', tmp_path) as (url, requests):
         monkeypatch.setenv('RESNETV2_ZOO_KERAS_URL', url)
         monkeypatch.setenv('RESNETV2_ZOO_DOWNLOAD_TIMEOUT', '600')
-        with _process([sys.executable, '-c', _CREATE_CHILD, _md5s_json(keras_files)]) as holder:
+        with _process(_CREATE_CHILD, _md5s_json(keras_files)) as holder:
             deadline = time.monotonic() + 240
             while not requests and time.monotonic() < deadline and holder.poll() is None:
                 time.sleep(0.05)
@@ -343,15 +343,6 @@ def test_unwritable_cache_converts_keras_file_into_a_private_temp_folder(cache, 
     assert not folder.exists()
 
 
-def _drop_root_file_capabilities() -> None:
-    """In the child, before exec: a root process without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH in its bounding
-    set (so not after exec either) obeys file permissions like any other account."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), f'prctl(PR_CAPBSET_DROP, {capability}) failed')
-
-
 @pytest.mark.slow
 def test_cache_of_another_account_converts_into_temp_folder_removed_at_exit(keras_files, monkeypatch):
     """A real PermissionError: the cache folder is nobody's, mode 0755, and the child runs as root without the
@@ -376,7 +367,7 @@ def test_cache_of_another_account_converts_into_temp_folder_removed_at_exit(kera
         if os.geteuid() == 0:
             os.chown(cache, 65534, 65534)
             cache.chmod(0o755)
-            drop = dict(preexec_fn=_drop_root_file_capabilities)
+            drop = dict(no_root_file_access=True)  # a root process without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH
         else:
             cache.chmod(0o555)
             drop = {}
