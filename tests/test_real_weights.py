@@ -10,17 +10,17 @@ import json
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
 import timm
 import torch
+from cli_helpers import CliResult, run_cli
 from PIL import Image
 from v1_helpers import write_keras2_h5
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
-from resnetv2_zoo import cli
 from resnetv2_zoo.keras.files import read_keras_weights
 from resnetv2_zoo.keras.runtime import import_keras
 from resnetv2_zoo.keras.spec import canonical_layer_name
@@ -152,22 +152,11 @@ def test_grace_hopper_is_military_uniform(converted_models, batch, photos):
     assert top5[0][2] > 0.5
 
 
-class _Result(NamedTuple):
-    returncode: int
-    stderr: str
-
-
-def _cli(capsys: pytest.CaptureFixture, *args: str) -> _Result:
-    """The command line, in this process (the console script is `sys.exit(main())`; test_finetune and
-    test_reliability run it as a process): its exit code and what it printed on stderr."""
-    capsys.readouterr()
-    code = cli.main(list(args))
-    return _Result(code, capsys.readouterr().err)
 
 
 def test_convert_cli_on_real_tfjs_folder(tfjs_dir, converted_models, tmp_path, capsys):
     out = tmp_path / 'resnet50_keras'
-    result = _cli(capsys, 'convert', str(tfjs_dir), '-o', str(out), '--arch', 'resnet50_keras')
+    result = run_cli(capsys, 'convert', str(tfjs_dir), '-o', str(out), '--arch', 'resnet50_keras')
     assert result.returncode == 0, result.stderr
     loaded = timm.create_model('resnet50_keras', pretrained=True,
                                pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')))
@@ -175,7 +164,7 @@ def test_convert_cli_on_real_tfjs_folder(tfjs_dir, converted_models, tmp_path, c
     assert all(torch.equal(loaded.state_dict()[k], expected[k]) for k in expected)
 
 
-def _refused(result: _Result, out: Path, needles: List[str]) -> None:
+def _refused(result: CliResult, out: Path, needles: List[str]) -> None:
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert all(n in result.stderr for n in needles), result.stderr
@@ -185,21 +174,21 @@ def _refused(result: _Result, out: Path, needles: List[str]) -> None:
 def test_real_files_bad_input(tfjs_dir, old_names_h5, tmp_path, capsys):
     """The issue's bad-input list on the real files: each one line, exit 2, nothing written."""
     out = tmp_path / 'out'
-    _refused(_cli(capsys, 'convert', str(old_names_h5), '-o', str(out), '--arch', 'resnet50v2_keras'), out,
+    _refused(run_cli(capsys, 'convert', str(old_names_h5), '-o', str(out), '--arch', 'resnet50v2_keras'), out,
              ['resnet50_keras', 'resnet50v2_keras'])
-    _refused(_cli(capsys, 'convert', str(tfjs_dir), '-o', str(out), '--arch', 'resnet50v2_keras'), out,
+    _refused(run_cli(capsys, 'convert', str(tfjs_dir), '-o', str(out), '--arch', 'resnet50v2_keras'), out,
              ['resnet50_keras', 'resnet50v2_keras'])
 
     broken = tmp_path / 'broken'
     shutil.copytree(tfjs_dir, broken)
     shard = broken / 'group1-shard7of25.bin'
     shard.write_bytes(shard.read_bytes()[:1000])
-    _refused(_cli(capsys, 'convert', str(broken), '-o', str(out)), out, ['group1-shard7of25.bin', 'truncated'])
+    _refused(run_cli(capsys, 'convert', str(broken), '-o', str(out)), out, ['group1-shard7of25.bin', 'truncated'])
     shard.unlink()
-    _refused(_cli(capsys, 'convert', str(broken), '-o', str(out)), out, ['group1-shard7of25.bin', 'missing'])
+    _refused(run_cli(capsys, 'convert', str(broken), '-o', str(out)), out, ['group1-shard7of25.bin', 'missing'])
 
     shutil.copy(tfjs_dir / 'group1-shard7of25.bin', shard)
     manifest = json.loads((broken / 'model.json').read_text())
     manifest['weightsManifest'][0]['weights'][0]['dtype'] = 'int32'
     (broken / 'model.json').write_text(json.dumps(manifest))
-    _refused(_cli(capsys, 'convert', str(broken), '-o', str(out)), out, ["dtype 'int32'", 'float32'])
+    _refused(run_cli(capsys, 'convert', str(broken), '-o', str(out)), out, ["dtype 'int32'", 'float32'])

@@ -17,12 +17,12 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from cli_helpers import CliResult, run_cli
 from keras_helpers import FILE_FORMATS, copy_weights_by_name, randomize_weights, save_keras, strip_weights_h5_names
 from timm.models import group_parameters
 from v1_helpers import keras_model_layers, to_legacy_names, write_keras2_h5, write_tfjs
 
 import resnetv2_zoo  # noqa: F401  (registers the models)
-from resnetv2_zoo import cli
 from resnetv2_zoo.errors import KerasFileError, ResNetV2ZooError
 from resnetv2_zoo.keras.runtime import import_keras
 from resnetv2_zoo.keras.spec import KERAS_RESNETS, canonical_layer_name, legacy_layer_name
@@ -323,20 +323,9 @@ def test_pretrained_true_finds_official_v1_file(keras_cases, tmp_path, monkeypat
 
 # --- bad input: one line, nothing written ---
 
-class _Result(NamedTuple):
-    returncode: int
-    stderr: str
 
 
-def _cli(capsys: pytest.CaptureFixture, *args: str) -> _Result:
-    """The command line, in this process (the console script is `sys.exit(main())`; test_finetune and
-    test_reliability run it as a process): its exit code and what it printed on stderr."""
-    capsys.readouterr()
-    code = cli.main(list(args))
-    return _Result(code, capsys.readouterr().err)
-
-
-def _assert_refused(result: _Result, out: Path, *needles: str) -> None:
+def _assert_refused(result: CliResult, out: Path, *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     assert 'Traceback' not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -387,14 +376,14 @@ def test_state_dict_round_trip_bit_exact(v1_state_files):
 @pytest.mark.slow
 def test_family_mismatch_refused_naming_both(v1_state_files, tmp_path, capsys):
     out = tmp_path / 'out'
-    result = _cli(capsys, 'convert', str(v1_state_files['h5']), '-o', str(out), '--arch', 'resnet50v2_keras')
+    result = run_cli(capsys, 'convert', str(v1_state_files['h5']), '-o', str(out), '--arch', 'resnet50v2_keras')
     _assert_refused(result, out, 'resnet50_keras', 'resnet50v2_keras', 'ResNet (v1)')
 
     from keras_helpers import write_legacy_h5
     torch.manual_seed(0)
     v2_file = write_legacy_h5(timm.create_model('resnet50v2_keras').state_dict(), 'resnet50v2_keras',
                               tmp_path / 'v2.h5')
-    result = _cli(capsys, 'convert', str(v2_file), '-o', str(out), '--arch', 'resnet50_keras')
+    result = run_cli(capsys, 'convert', str(v2_file), '-o', str(out), '--arch', 'resnet50_keras')
     _assert_refused(result, out, 'resnet50v2_keras', 'resnet50_keras', 'ResNetV2')
 
 
@@ -407,7 +396,7 @@ def test_old_names_file_missing_a_layer_lists_it(v1_state_files, tmp_path, capsy
     with pytest.raises(KerasFileError, match=r'missing layers: .*res3b_branch2a.*bn4f_branch2c'):
         convert_keras(damaged)
     out = tmp_path / 'out'
-    result = _cli(capsys, 'convert', str(damaged), '-o', str(out))
+    result = run_cli(capsys, 'convert', str(damaged), '-o', str(out))
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'res3b_branch2a' in result.stderr and 'bn4f_branch2c' in result.stderr
     assert not out.exists()
@@ -453,7 +442,7 @@ def test_tfjs_bad_input(v1_state_files, tmp_path, damage, needle, capsys):
     with pytest.raises(KerasFileError, match=needle):
         convert_keras(folder)
     out = tmp_path / 'out'
-    _assert_refused(_cli(capsys, 'convert', str(folder), '-o', str(out)), out, needle)
+    _assert_refused(run_cli(capsys, 'convert', str(folder), '-o', str(out)), out, needle)
 
 
 def test_tfjs_accepts_model_json_path(v1_state_files, tmp_path):
