@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -239,8 +239,11 @@ def keras_cases(tmp_path_factory) -> Callable[[str], KerasCase]:
     return get
 
 
-def _assert_parity(model: nn.Module, case: KerasCase) -> None:
+def _assert_parity(model: nn.Module, case: KerasCase, sizes: Optional[Tuple[int, ...]] = None) -> None:
+    """Keras's logits at each of `sizes` (default: every size the case has a reference for)."""
     for size, reference in case.reference.items():
+        if sizes is not None and size not in sizes:
+            continue
         with torch.no_grad():
             ours = model(_images(size)).numpy()
         diff = float(np.abs(ours - reference).max())
@@ -248,6 +251,9 @@ def _assert_parity(model: nn.Module, case: KerasCase) -> None:
 
 
 SOURCES_50 = ('live_model', *FILE_FORMATS, 'weights_h5_unnamed', 'legacy_names_h5', 'tfjs', 'tfjs_legacy_names')
+# Every source reads the same weights, and the input size changes only the model's geometry (padding, pooling),
+# not which weights are read: one source (the official file's format) at every size, the others at the odd 97.
+FULL_SOURCE_50 = 'legacy_h5_weights'
 
 
 @pytest.mark.keras
@@ -256,7 +262,7 @@ def test_resnet50_parity_every_format(keras_cases, source):
     case = keras_cases('resnet50_keras')
     converted = convert_keras(case.top if source == 'live_model' else case.files[source])
     assert converted.arch == 'resnet50_keras' and converted.num_classes == 1000
-    _assert_parity(build_model(converted), case)
+    _assert_parity(build_model(converted), case, sizes=None if source == FULL_SOURCE_50 else (97,))
 
 
 @pytest.mark.keras

@@ -187,9 +187,9 @@ def nested(tf_keras, built_once) -> Dict[str, Any]:
             'outputs': _load_outputs(root / 'outputs.npz'), **arrays}
 
 
-def _check_parity(path: Path, outputs: Dict[int, np.ndarray], label: str) -> None:
+def _check_parity(converted: Any, outputs: Dict[int, np.ndarray], label: str) -> None:
     """The converted model matches Keras 2's `predict` at every size, within the project tolerance."""
-    model = build_model(convert_keras(path))
+    model = build_model(converted)
     for size, reference in outputs.items():
         with torch.no_grad():
             ours = model(_images(size)).numpy()
@@ -212,7 +212,7 @@ def test_keras2_files_match_keras2_predict(flat, name):
     converted = convert_keras(path)
     assert (converted.arch, converted.num_classes) == ('resnet50v2_keras', NUM_CLASSES)
     assert converted.metadata['source_format'] == FLAT_FORMATS[name]
-    _check_parity(path, flat['outputs'], name)
+    _check_parity(converted, flat['outputs'], name)
 
 
 @pytest.mark.keras
@@ -222,7 +222,7 @@ def test_nested_base_and_dense_head_match_keras2_predict(nested, name):
     path = nested['files'][name]
     converted = convert_keras(path)
     assert (converted.arch, converted.num_classes) == ('resnet50v2_keras', HEAD_CLASSES)
-    _check_parity(path, nested['outputs'], f'nested {name}')
+    _check_parity(converted, nested['outputs'], f'nested {name}')
 
 
 @pytest.mark.keras
