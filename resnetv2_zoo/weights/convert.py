@@ -11,7 +11,6 @@ TensorFlow except `--verify` (and converting a live `keras.Model`, which the cal
 """
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -147,7 +146,7 @@ def convert_keras(source: Union[PathLike, Any], arch: str = 'auto', allow_nonfin
             weights.layers.pop(name, None)
     model = _resolve_model(weights, arch, declared, options)
     state_dict = _assemble_state_dict(weights, arch, model, allow_nonfinite, legacy_names=legacy_names)
-    official = _is_official(source, weights, arch, model, declared, options)
+    official = _is_official(source, arch, declared, options)
     metadata = {
         'source_file': Path(source).name if _is_file(source) else weights.source,
         'keras_version': weights.keras_version,
@@ -166,7 +165,6 @@ class _ResolvedModel:
     `sources` says, per fact, where it came from: 'file', 'option' or 'assumed'.
     """
 
-    family: str
     bn_eps: float
     pooling: str
     dense: List[DenseLayer]  # Keras layer names and widths; the last is the classifier
@@ -178,6 +176,8 @@ class _ResolvedModel:
     input_size: Optional[Tuple[int, int]]
     dropout: float
     sources: Dict[str, str]
+    base: str = '(top level)'  # where the ResNet sits in the file's model, e.g. 'functional/resnet50v2'
+    ignored: List[str] = field(default_factory=list)  # layers that are the identity at inference (augmentation)
 
     @property
     def num_classes(self) -> int:
@@ -251,7 +251,7 @@ class _ResolvedModel:
             'head': [{'name': d.name, 'units': d.units, 'activation': d.activation} for d in self.dense],
             'output_activation': self.output_act, 'preprocess': self.preprocess, 'input_layers': self.input_layers,
             'input_size': list(self.input_size) if self.input_size else None, 'mean': list(mean), 'std': list(std),
-            'sources': dict(self.sources),
+            'sources': dict(self.sources), 'base': self.base, 'ignored_layers': self.ignored,
         }
 
 
@@ -301,8 +301,9 @@ def _resolve_model(weights: KerasWeights, arch: str, declared: Optional[KerasArc
     if dense and not pooling:
         raise KerasFileError(f'{weights.source}: Dense layers need global pooling before them; give --pooling avg|max')
     output_act = dense[-1].activation if dense else 'linear'
-    return _ResolvedModel(spec.family, float(bn_eps), pooling, dense, output_act, preprocess, tuple(scale),
-                          tuple(offset), list(input_layers), size, dropout, sources)
+    return _ResolvedModel(float(bn_eps), pooling, dense, output_act, preprocess, tuple(scale),
+                          tuple(offset), list(input_layers), size, dropout, sources,
+                          *((declared.base_path, list(declared.ignored)) if declared is not None else ()))
 
 
 def _weights_only_head(weights: KerasWeights, spec: Any, options: KerasOptions) -> List[DenseLayer]:
@@ -331,20 +332,12 @@ def _weights_only_head(weights: KerasWeights, spec: Any, options: KerasOptions) 
     return chain
 
 
-def _is_official(source: Union[PathLike, Any], weights: KerasWeights, arch: str, model: _ResolvedModel,
-                 declared: Optional[KerasArchitecture], options: KerasOptions) -> bool:
+def _is_official(source: Union[PathLike, Any], arch: str, declared: Optional[KerasArchitecture],
+                 options: KerasOptions) -> bool:
     """The official Keras ImageNet weights (their published MD5), read as Keras reads them: no options."""
     if declared is not None or options != KerasOptions() or not _is_file(source) or not Path(source).is_file():
         return False
-    return _md5(source) in KERAS_RESNETS[arch].weights_md5
-
-
-def _md5(path: PathLike) -> str:
-    digest = hashlib.md5()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_hexdigest(source, 'md5') in KERAS_RESNETS[arch].weights_md5
 
 
 def _pretrained_cfg(model: _ResolvedModel, source_file: str, official: bool) -> Dict[str, Any]:

@@ -129,30 +129,36 @@ def load_keras_model(path: Path, converted: ConvertedKeras) -> Any:
 
 
 def _weights_only_reference(path: Path, converted: ConvertedKeras) -> Any:
-    """keras.applications' model with the conversion's options (eps, pooling, head), holding the file's weights."""
+    """keras.applications' model with the conversion's options (eps, pooling, head), holding the file's weights.
+
+    Where the file has the applications' layout (no top, or its `predictions` top, average pooling) Keras loads
+    the file itself, which checks our reader too; a head of other Dense layers is rebuilt and given the weights
+    by layer name.
+    """
     record = converted.record or {}
     head = record.get('head', [])
-    if not head and not record:
+    keras = runtime.import_keras()
+    if record.get('pooling', 'avg') == 'avg' and [layer['name'] for layer in head] in ([], ['predictions']):
         model = keras_reference_model(converted.arch, converted.num_classes)
         _keras_load_weights(model, path, converted.metadata['source_format'])
-        return model
-    keras = runtime.import_keras()
-    app = getattr(keras.applications, KERAS_RESNETS[converted.arch].keras_app)
-    base = app(weights=None, include_top=False, input_shape=(None, None, 3))
-    eps = record.get('bn_eps')
-    if eps is not None:
-        for layer in base.layers:
+        if head:  # built for logits; given the recorded activation, which the comparison then takes off again
+            model.get_layer('predictions').activation = getattr(keras.activations, head[-1]['activation'])
+    else:
+        app = getattr(keras.applications, KERAS_RESNETS[converted.arch].keras_app)
+        base = app(weights=None, include_top=False, input_shape=(None, None, 3))
+        x = base.output
+        pooling = record.get('pooling', 'avg')
+        if pooling:
+            x = (keras.layers.GlobalMaxPooling2D() if pooling == 'max' else keras.layers.GlobalAveragePooling2D())(x)
+        for layer in head:
+            x = keras.layers.Dense(layer['units'], activation=layer['activation'], name=layer['name'])(x)
+        model = keras.Model(base.input, x)
+        weights = read_keras_weights(path)
+        set_keras_weights_by_name(model, {canonical_layer_name(k): v for k, v in weights.layers.items()})
+    if record.get('bn_eps') is not None:
+        for layer in model.layers:
             if type(layer).__name__ == 'BatchNormalization':
-                layer.epsilon = eps
-    x = base.output
-    pooling = record.get('pooling', 'avg')
-    if pooling:
-        x = (keras.layers.GlobalMaxPooling2D() if pooling == 'max' else keras.layers.GlobalAveragePooling2D())(x)
-    for layer in head:
-        x = keras.layers.Dense(layer['units'], activation=layer['activation'], name=layer['name'])(x)
-    model = keras.Model(base.input, x)
-    weights = read_keras_weights(path)
-    set_keras_weights_by_name(model, {canonical_layer_name(k): v for k, v in weights.layers.items()})
+                layer.epsilon = record['bn_eps']
     return model
 
 
