@@ -14,7 +14,8 @@ ignored SIGINT: pytest run as a background job of a non-interactive shell fails 
 
 The environment is the child's own from its first line, and huggingface_hub's settings, which it reads on import,
 are read again. What cannot come from the forkserver keeps `subprocess`: a check of what a fresh interpreter
-imports, other settings read at import time, and other programs (torchrun, timm's scripts).
+imports, other settings read at import time, the command-line launchers themselves, and other programs
+(torchrun). timm's own scripts run in children through `resnetv2_zoo.cli.main(['timm', script, ...])`.
 """
 import atexit
 import builtins

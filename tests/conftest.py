@@ -83,6 +83,22 @@ def _keras_marker_is_honest(request: pytest.FixtureRequest):
         pytest.fail(f'{request.node.nodeid} runs Keras but is not marked keras', pytrace=False)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _module_folders_removed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Remove the folders a module's fixtures made (`tmp_path_factory.mktemp`) once its tests are done, unless one
+    of them failed. A passing test's own `tmp_path` goes when it ends (`tmp_path_retention_policy = "failed"` in
+    pyproject.toml); without this the modules' Keras files and fine-tune runs would pile up to 10 GB by the end.
+    (An autouse fixture is set up before, and torn down after, the module's other fixtures. A session fixture
+    defined in a test module serves that module only; `run_folder`, shared by the whole run, is kept.)"""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before - {base / 'shared_by_workers'}:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope='session')
 def weather4() -> Path:
     """The real 4-class photos (train/val/test). Where ../shared exists they must be there: a failure, not a skip."""

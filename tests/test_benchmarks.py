@@ -59,7 +59,9 @@ def test_throughput_smoke(tmp_path):
         assert row['infer_samples_per_sec'] > 0 and row['infer_batch_size'] == 2 and row['infer_img_size'] == 32
         # one round of one step: the rate is the batch over the step time
         assert row['infer_samples_per_sec'] == pytest.approx(2000 / row['infer_step_time'], rel=1e-2)
-        assert row['infer_peak_mem_mb'] > row['infer_runtime_mem_mb'] > 0
+        # in one process the peak is reset as each model starts, and all start before any runs, so only the
+        # worker-process test below can compare a model's peak with its runtime memory
+        assert row['infer_peak_mem_mb'] > 0 and row['infer_runtime_mem_mb'] > 0
         assert row['infer_peer'] == 'resnet50v2_keras:cl'
         assert row['infer_rounds_samples_per_sec'] == [row['infer_samples_per_sec']]
     assert rows['resnet50v2_keras:cl']['infer_ratio_to_peer'] == 1.0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import children
 import pytest
 import timm
 import torch
@@ -167,20 +168,21 @@ def test_timm_train_one_tiny_epoch_then_validate_and_evaluate(timm_scripts, tmp_
     from resnetv2_zoo.train.demo import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / 'data', train_per_class=3, test_per_class=2, size=40)
-    runner = [sys.executable, '-m', 'resnetv2_zoo.cli', 'timm']
+    # `resnetv2-zoo timm SCRIPT ...` in a child process forked with torch and timm imported (the launchers
+    # themselves, from a fresh interpreter, are the test above)
+    runner = 'import sys\nfrom resnetv2_zoo.cli import main\nsys.exit(main(["timm", *sys.argv[1:]]))'
     common = ['--data-dir', str(data), '--model', 'resnet50v2_keras', '--num-classes', '4', '--img-size', '32',
               '-b', '4', '--device', 'cpu', '--workers', '0', '--no-prefetcher']
-    train = subprocess.run([*runner, str(timm_scripts / 'train.py'), *common, '--train-split', 'train',
-                            '--val-split', 'test', '--epochs', '1', '--warmup-epochs', '0', '--lr', '0.01',
-                            '--output', str(tmp_path / 'out'), '--experiment', 'tiny', '--log-interval', '1'],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    train = children.run_python(runner, str(timm_scripts / 'train.py'), *common, '--train-split', 'train',
+                                '--val-split', 'test', '--epochs', '1', '--warmup-epochs', '0', '--lr', '0.01',
+                                '--output', str(tmp_path / 'out'), '--experiment', 'tiny', '--log-interval', '1',
+                                timeout=600, cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     checkpoint = tmp_path / 'out' / 'tiny' / 'model_best.pth.tar'
     assert checkpoint.is_file()
-    validate = subprocess.run([*runner, str(timm_scripts / 'validate.py'), *common, '--split', 'test',
-                               '--checkpoint', str(checkpoint), '--results-file', str(tmp_path / 'val.json'),
-                               '--results-format', 'json'],
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    validate = children.run_python(runner, str(timm_scripts / 'validate.py'), *common, '--split', 'test',
+                                   '--checkpoint', str(checkpoint), '--results-file', str(tmp_path / 'val.json'),
+                                   '--results-format', 'json', timeout=600, cwd=tmp_path)
     assert validate.returncode == 0, validate.stderr[-3000:]
     top1 = json.loads((tmp_path / 'val.json').read_text())['top1']
     # our evaluate reads the same .pth.tar (weights_only=True) and scores the same images alike

@@ -208,7 +208,8 @@ class ResNetV2Keras(nn.Module):
         self.head = create_keras_head(self.num_features, num_classes, global_pool, drop_rate, head_hidden, head_act)
         self.head_hidden_size = self.head.num_features
         set_bn_eps(self, bn_eps)
-        self.init_weights()
+        if not self.stem.conv.weight.is_meta:  # on the meta device it is built to be loaded: nothing to draw
+            self.init_weights()
 
     @torch.jit.ignore
     def init_weights(self) -> None:

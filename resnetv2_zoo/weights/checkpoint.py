@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -226,6 +226,7 @@ class CheckpointInfo:
     label_names: Optional[Tuple[str, ...]]
     output_activation: str = 'softmax'
     data_config: Optional[Dict[str, Any]] = None  # mean/std/input_size of a single weights file
+    tensor_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # of every tensor in the weights file
 
 
 def load_model(path: PathLike, **kwargs: Any) -> torch.nn.Module:
@@ -240,13 +241,14 @@ def load_model(path: PathLike, **kwargs: Any) -> torch.nn.Module:
     path = Path(path)
     info = inspect_checkpoint(path)
     if path.is_dir():
-        model = _create(path, f'local-dir:{path}', kwargs)
+        model = _create(path, f'local-dir:{path}', kwargs, info)
     else:
         overlay: Dict[str, Any] = dict(file=str(path), num_classes=info.num_classes, **(info.data_config or {}))
         if info.label_names is not None:
             overlay['label_names'] = info.label_names
         kwargs.setdefault('num_classes', info.num_classes)
-        model = _create(path, info.architecture, dict(info.model_args, **kwargs, pretrained_cfg_overlay=overlay))
+        kwargs = dict(info.model_args, **kwargs, pretrained_cfg_overlay=overlay)
+        model = _create(path, info.architecture, kwargs, info)
     _check_head_loaded(path, model, info)
     if getattr(model, 'num_classes', None) == info.num_classes:  # a new head (`num_classes=`) is trained anew
         set_output_activation(model, info.output_activation)
@@ -320,8 +322,9 @@ def inspect_checkpoint(path: PathLike) -> CheckpointInfo:
     if activation not in OUTPUT_ACTIVATIONS:
         raise ResNetV2ZooError(f'{where} output_activation is {activation!r}, expected one of '
                                f'{", ".join(OUTPUT_ACTIVATIONS)}')
-    _check_tensors(weights, where, architecture, num_classes, model_args)
-    return CheckpointInfo(weights, architecture, num_classes, model_args, label_names, activation, data_config)
+    shapes = _check_tensors(weights, where, architecture, num_classes, model_args)
+    return CheckpointInfo(weights, architecture, num_classes, model_args, label_names, activation, data_config,
+                          shapes)
 
 
 def _metadata_json(metadata: Dict[str, str], key: str, path: Path, kind: type) -> Any:
@@ -368,8 +371,10 @@ def _model_shapes(architecture: str, num_classes: int, model_args_json: str) -> 
     return classifier, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _check_tensors(weights: Path, where: str, architecture: str, num_classes: int, model_args: Dict[str, Any]) -> None:
-    """Class count first (the classifier's rows), then every tensor name and shape against the described model."""
+def _check_tensors(weights: Path, where: str, architecture: str, num_classes: int,
+                   model_args: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Class count first (the classifier's rows), then every tensor name and shape against the described model;
+    the file's tensor shapes."""
     if not timm.is_model(architecture):
         raise ResNetV2ZooError(f'{where} names architecture {architecture!r}, which is not a timm model')
     try:
@@ -397,6 +402,7 @@ def _check_tensors(weights: Path, where: str, architecture: str, num_classes: in
         problems = [f'{kind}: {_listing(items)}' for kind, items in kinds if items]
         raise ResNetV2ZooError(f'{weights} does not match {architecture} with {num_classes} classes as {where} '
                                f'says: ' + '; '.join(problems))
+    return found
 
 
 def _check_head_loaded(path: Path, model: torch.nn.Module, info: CheckpointInfo) -> None:
@@ -427,12 +433,52 @@ def _safetensors_metadata(path: Path) -> Dict[str, str]:
         raise ResNetV2ZooError(f'{path} is not a safetensors file ({type(e).__name__}: {e})') from e
 
 
-def _create(path: Path, name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
-    """timm.create_model, with a damaged checkpoint (truncated data, tensors of another model) named as such."""
+def _create(path: Path, name: str, kwargs: Dict[str, Any], info: CheckpointInfo) -> torch.nn.Module:
+    """timm.create_model, with a damaged checkpoint (truncated data, tensors of another model) named as such.
+
+    Where the file holds every tensor of the requested model, as it is (the usual case: no new head, no other
+    `in_chans`, no feature wrapper), the model is built without random initialisation (`create_loaded`) and
+    the file copied in; otherwise timm's pretrained loading adapts it.
+    """
     try:
+        with torch.device('meta'):  # the architecture and pretrained_cfg timm resolves, without weights
+            model = timm.create_model(name, **kwargs)
+        if _shapes(model) == info.tensor_shapes and _all_in_state_dict(model):
+            model.to_empty(device='cpu')
+            model.load_state_dict(safetensors.torch.load_file(str(info.weights)), strict=True)
+            return model
         return timm.create_model(name, pretrained=True, **kwargs)
     except (safetensors.SafetensorError, RuntimeError, KeyError, ValueError) as e:
         raise ResNetV2ZooError(f'{path} does not load as a {name} checkpoint ({type(e).__name__}: {e})') from e
+
+
+def create_loaded(name: str, state_dict: Dict[str, torch.Tensor], **kwargs: Any) -> torch.nn.Module:
+    """`timm.create_model(name, **kwargs)` holding `state_dict` (loaded strictly).
+
+    Initialising a ResNet's weights at random, PyTorch's default and then the model's own, is two thirds of
+    the time of building it (0.17 of 0.26 s for ResNet50V2 on one core), and loading replaces all of it. So
+    where `state_dict` holds every tensor of the model with its shape, the model is built on the meta device
+    and given uninitialised memory (`to_empty`) that the strict load then fills completely. Otherwise it is
+    built as usual, and `load_state_dict` names what is missing or mismatched.
+    """
+    with torch.device('meta'):
+        model = timm.create_model(name, **kwargs)
+    if _shapes(model) == {k: tuple(v.shape) for k, v in state_dict.items()} and _all_in_state_dict(model):
+        model.to_empty(device='cpu')
+    else:
+        model = timm.create_model(name, **kwargs)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _all_in_state_dict(model: torch.nn.Module) -> bool:
+    """Whether a state dict sets every tensor of `model` (a non-persistent buffer is left out of it)."""
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return names <= model.state_dict().keys()
 
 
 # --- the model card ----------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from .checkpoint import (
     check_own_dir,
     check_own_file,
     check_writable_parent,
+    create_loaded,
     load_model,
     save_model_dir,
     save_weights_file,
@@ -146,7 +147,7 @@ def convert_keras(source: Union[PathLike, Any], arch: str = 'auto', allow_nonfin
             weights.layers.pop(name, None)
     model = _resolve_model(weights, arch, declared, options)
     state_dict = _assemble_state_dict(weights, arch, model, allow_nonfinite, legacy_names=legacy_names)
-    official = _is_official(source, arch, declared, options)
+    official = _is_official(source, weights.source_format, arch, declared, options)
     metadata = {
         'source_file': Path(source).name if _is_file(source) else weights.source,
         'keras_version': weights.keras_version,
@@ -332,10 +333,12 @@ def _weights_only_head(weights: KerasWeights, spec: Any, options: KerasOptions) 
     return chain
 
 
-def _is_official(source: Union[PathLike, Any], arch: str, declared: Optional[KerasArchitecture],
-                 options: KerasOptions) -> bool:
-    """The official Keras ImageNet weights (their published MD5), read as Keras reads them: no options."""
-    if declared is not None or options != KerasOptions() or not _is_file(source) or not Path(source).is_file():
+def _is_official(source: Union[PathLike, Any], source_format: str, arch: str,
+                 declared: Optional[KerasArchitecture], options: KerasOptions) -> bool:
+    """The official Keras ImageNet weights (their published MD5), read as Keras reads them: no options. They are
+    Keras 2 weights `.h5` files, so no other file is hashed."""
+    if (declared is not None or options != KerasOptions() or source_format != 'legacy_h5_weights'
+            or not _is_file(source) or not Path(source).is_file()):
         return False
     return file_hexdigest(source, 'md5') in KERAS_RESNETS[arch].weights_md5
 
@@ -367,15 +370,14 @@ def build_model(converted: ConvertedKeras, **create_kwargs: Any) -> torch.nn.Mod
     """
     num_classes = create_kwargs.pop('num_classes', converted.num_classes)
     kwargs = {**converted.model_kwargs, **create_kwargs}
-    model = timm.create_model(converted.arch, num_classes=converted.num_classes, **kwargs)
+    state_dict = converted.state_dict
+    in_chans = kwargs.get('in_chans') or 3  # timm drops arguments given as None
+    if in_chans != 3:
+        state_dict = {**state_dict, 'stem.conv.weight': adapt_input_conv(in_chans, state_dict['stem.conv.weight'])}
+    model = create_loaded(converted.arch, state_dict, num_classes=converted.num_classes, **kwargs)
     if converted.pretrained_cfg:  # the file's own model, not the official ImageNet weights
         model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **converted.pretrained_cfg}
     set_output_activation(model, converted.output_activation)
-    state_dict = converted.state_dict
-    if model.in_chans != 3:
-        stem = adapt_input_conv(model.in_chans, state_dict['stem.conv.weight'])
-        state_dict = {**state_dict, 'stem.conv.weight': stem}
-    model.load_state_dict(state_dict, strict=True)
     if num_classes != converted.num_classes:
         model.reset_classifier(num_classes)
     return model.eval()
