@@ -7,11 +7,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# --no-compile: Python compiles each module on its first import instead; pip would compile every module of
-# torch and TensorFlow up front (35 of the install's 90 seconds on 2 cores), most of which are never imported
+# pip compiles every installed module to bytecode one after another (35 of the install's 90 seconds on 2 cores);
+# compileall does the same on every core. (Left to first import instead, torch and TensorFlow are compiled by each
+# of the test workers and children that start at once: a minute more.) A file it cannot compile, such as one for
+# a newer Python, is left to import time, as pip leaves it.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --no-compile -e '.[keras,train,export,dev]'
+	$(PY) -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -125,7 +125,9 @@ def _build_flat(tf_keras: Any, root: Path) -> None:
     files = {name: root / relative for name, relative in FLAT_FILES.items()}
     model.save(files['full_h5'])
     model.save_weights(files['weights_h5'])
-    model.save(files['saved_model'])
+    # Without traced call functions: 1.5 s instead of 8.5. The converter reads the variables and keras_metadata.pb,
+    # which are the same either way (identical tensors, checked), and the nested model below is saved with them.
+    model.save(files['saved_model'], save_traces=False)
     model.save_weights(str(files['tf_checkpoint']))
     _model_checkpoint(tf_keras, model, files['model_checkpoint'])
     # The same weights at another input size: the top fixes Keras's input shape.
