@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 # `make test` runs the suite in two pytest-xdist workers on the two cores: one compute thread each (and in the
 # processes they start), or every worker's torch and TensorFlow would spin on both cores at once.
@@ -24,7 +24,9 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 
 import pytest  # noqa: E402
 from filelock import FileLock, Timeout  # noqa: E402
-from keras_helpers import KerasResNet  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: the pytest process that only hands tests to the workers never needs torch
+    from keras_helpers import KerasResNet
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
 WEATHER4 = SHARED / 'data' / 'weather4'
@@ -41,35 +43,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 
 
 def _estimated_cost(item: pytest.Item) -> float:
-    """Rough seconds, from the tiers: what the schedule needs is only which modules are heavy."""
-    return 4.0 if item.get_closest_marker('slow') else 1.0 if item.get_closest_marker('keras') else 0.1
+    """Rough seconds, from the tiers, or as a test measured itself (`@pytest.mark.slow(seconds=25)`, for the few
+    that take far longer than the rest): what the schedule needs is which groups are heavy."""
+    slow = item.get_closest_marker('slow')
+    return slow.kwargs.get('seconds', 4.0) if slow else 1.0 if item.get_closest_marker('keras') else 0.1
 
 
 def schedule_for_two_workers(items: list) -> list:
     """The test order, for `make test`'s `pytest -n 2 --dist worksteal`.
 
     worksteal hands each worker one half of the list (by count, in order) and lets a worker that runs out take
-    the last half of the other's queue. So: each module stays in one piece (its module-scoped fixtures are built
-    once), the heavy modules are shared between the two halves by estimated cost, and each half runs its heaviest
-    modules first and its light ones last, so that what is stolen, and what runs at the very end, is short.
-    The second half holds at most its share of the items, so that the boundary falls on the first half's light
-    tail, never on the second half's heavy head. Without xdist the order is only a reordering of whole modules.
+    the last half of the other's queue. So: the Keras tests (270 of the 600 CPU-seconds) make the first half, so
+    that only one worker imports TensorFlow and builds the session's Keras models (about 15 CPU-seconds less than
+    both doing it), each module's Keras tests in one piece (its module-scoped fixtures are built once), then the
+    other modules lightest per test up to its share of the items, so that the boundary never cuts into the second
+    half's heavy head; the second half holds the rest, also by module. Each half runs its heaviest groups first and
+    its light ones last, so that what the first worker to run out steals, and what runs at the very end, is short.
+    Without xdist the order is only a regrouping.
     """
-    modules: Dict[str, list] = {}
+    groups: Dict[Tuple[str, bool], list] = {}
     for item in items:
-        modules.setdefault(item.nodeid.split('::')[0], []).append(item)
-    cost = {name: sum(map(_estimated_cost, group)) for name, group in modules.items()}
-    ranked = sorted(modules, key=lambda name: -cost[name])
-    heavy, light = ranked[:len(ranked) // 2], ranked[len(ranked) // 2:]
-    halves: Tuple[List[str], List[str]] = ([], [])
-    for name in heavy:  # the next heaviest module to the half with less estimated work
-        halves[min((0, 1), key=lambda h: sum(cost[m] for m in halves[h]))].append(name)
-    second_share = len(items) - len(items) // 2
-    for name in sorted(light, key=lambda name: -len(modules[name])):
-        fits = sum(len(modules[m]) for m in halves[1]) + len(modules[name]) <= second_share
-        halves[1 if fits else 0].append(name)
-    order = [name for half in halves for name in sorted(half, key=lambda name: -cost[name])]
-    return [item for name in order for item in modules[name]]
+        groups.setdefault((item.nodeid.split('::')[0], item.get_closest_marker('keras') is not None), []).append(item)
+    cost = {key: sum(map(_estimated_cost, group)) for key, group in groups.items()}
+    first = [key for key in groups if key[1]]
+    rest = sorted((key for key in groups if not key[1]), key=lambda key: cost[key] / len(groups[key]))
+    while rest and sum(len(groups[key]) for key in first) < len(items) // 2:
+        first.append(rest.pop(0))  # the lightest per item left
+    rest.sort(key=lambda key: cost[key])
+    order = [key for half in (first, rest) for key in sorted(half, key=lambda key: -cost[key])]
+    return [item for key in order for item in groups[key]]
 
 
 @pytest.fixture(autouse=True)
@@ -110,9 +112,11 @@ def weather4() -> Path:
 
 
 @pytest.fixture(scope='session')
-def keras_resnet50v2(tmp_path_factory) -> KerasResNet:
+def keras_resnet50v2(tmp_path_factory) -> 'KerasResNet':
     """Keras's ResNet50V2, seeded random weights, with and without the top; read-only (see KerasResNet).
     Its files are written once for the whole run, every xdist worker included."""
+    from keras_helpers import KerasResNet
+
     return KerasResNet('resnet50v2_keras', run_folder(tmp_path_factory) / 'keras_resnet50v2', seed=1)
 
 

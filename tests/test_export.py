@@ -129,7 +129,7 @@ def test_old_opset_is_refused_before_loading(tmp_path, capsys):
     assert 'opset 17 or newer' in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=9)
 def test_export_command_on_a_model_directory(tmp_path, capsys):
     model = timm.create_model('resnet50v2_keras', num_classes=3)
     model_dir = save_model_dir(model, tmp_path / 'model', label_names=['a', 'b', 'c'])

@@ -225,7 +225,7 @@ def straight(resume_data) -> Path:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=9)
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(resume_data, straight, tmp_path):
     killed = tmp_path / 'killed'
     child = python_child(CLI, *tiny_argv(resume_data, killed, *RESUME_ARGV))  # `python -m resnetv2_zoo.cli`
@@ -262,7 +262,7 @@ def assert_resume_matches(killed: Path, straight: Path) -> None:
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=13)
 def test_ddp_two_cpu_processes_through_torchrun(tmp_path):
     data = make_synthetic_dataset(tmp_path / 'data', train_per_class=6, test_per_class=0, size=32) / 'train'
     out = tmp_path / 'run'
@@ -281,7 +281,7 @@ def test_ddp_two_cpu_processes_through_torchrun(tmp_path):
     assert load_model(out / RUN_FILES['best']).num_classes == 4
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=22)
 @pytest.mark.shared_data
 def test_real_photos_beat_chance(weather4, tmp_path):
     out = tmp_path / 'run'

@@ -78,7 +78,7 @@ def test_deterministic(resnet50):
         assert torch.equal(first(x), second(x))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_compiled_matches_eager():
     model = tiny_model(num_classes=10)
     x = torch.randn(3, 3, 45, 33, generator=torch.Generator().manual_seed(4))

@@ -366,7 +366,7 @@ def _assert_loads_as(path: Path, expected_state: Dict[str, torch.Tensor]) -> Non
     assert all(torch.equal(loaded[k], v) for k, v in expected_state.items())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)
 def test_kill_during_conversion_leaves_no_partial_output(keras_h5, expected, tmp_path):
     """Killed while writing (fresh or over a previous output): the output is absent, the previous one, or whole."""
     good = timm.create_model(ARCH, num_classes=0)
