@@ -114,3 +114,22 @@ def test_a_non_persistent_buffer_is_not_left_uninitialised():
     assert checkpoint._all_in_state_dict(module)
     module.register_buffer('scale', torch.ones(2), persistent=False)
     assert not checkpoint._all_in_state_dict(module)
+
+
+def test_a_constructor_that_needs_real_tensors_loads_the_usual_way(tmp_path: Path, monkeypatch):
+    """A timm model whose constructor fails on the meta device (some compute with their weights) is built for real."""
+    model = _trained_like()
+    path = save_model_dir(model, tmp_path / 'model')
+    create = timm.create_model
+    real_builds: List[dict] = []
+
+    def no_meta(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        if torch.empty(0).device.type == 'meta':
+            raise RuntimeError('Tensor.item() cannot be called on meta tensors')
+        real_builds.append(kwargs)
+        return create(*args, **kwargs)
+    monkeypatch.setattr(checkpoint.timm, 'create_model', no_meta)
+    checkpoint._model_shapes.cache_clear()  # its own meta build must meet the failure too
+    _same(load_model(path), model)
+    assert real_builds and real_builds[-1].get('pretrained') is True
+    _same(create_loaded(ARCH, model.state_dict(), num_classes=3), model)

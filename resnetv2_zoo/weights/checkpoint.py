@@ -441,9 +441,8 @@ def _create(path: Path, name: str, kwargs: Dict[str, Any], info: CheckpointInfo)
     the file copied in; otherwise timm's pretrained loading adapts it.
     """
     try:
-        with torch.device('meta'):  # the architecture and pretrained_cfg timm resolves, without weights
-            model = timm.create_model(name, **kwargs)
-        if _shapes(model) == info.tensor_shapes and _all_in_state_dict(model):
+        model = _on_meta(name, kwargs)  # the architecture and pretrained_cfg timm resolves, without weights
+        if model is not None and _shapes(model) == info.tensor_shapes and _all_in_state_dict(model):
             model.to_empty(device='cpu')
             model.load_state_dict(safetensors.torch.load_file(str(info.weights)), strict=True)
             return model
@@ -461,14 +460,24 @@ def create_loaded(name: str, state_dict: Dict[str, torch.Tensor], **kwargs: Any)
     and given uninitialised memory (`to_empty`) that the strict load then fills completely. Otherwise it is
     built as usual, and `load_state_dict` names what is missing or mismatched.
     """
-    with torch.device('meta'):
-        model = timm.create_model(name, **kwargs)
-    if _shapes(model) == {k: tuple(v.shape) for k, v in state_dict.items()} and _all_in_state_dict(model):
+    model = _on_meta(name, kwargs)
+    if (model is not None and _shapes(model) == {k: tuple(v.shape) for k, v in state_dict.items()}
+            and _all_in_state_dict(model)):
         model.to_empty(device='cpu')
     else:
         model = timm.create_model(name, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def _on_meta(name: str, kwargs: Dict[str, Any]) -> Optional[torch.nn.Module]:
+    """The model built on the meta device, or None where its constructor needs real tensors (it is then built and
+    loaded the usual way, which raises any genuine failure)."""
+    try:
+        with torch.device('meta'):
+            return timm.create_model(name, **kwargs)
+    except Exception:
+        return None
 
 
 def _shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
