@@ -270,7 +270,8 @@ def test_ddp_two_cpu_processes_through_torchrun(tmp_path):
     result = subprocess.run(
         [str(torchrun), '--standalone', '--nproc_per_node', '2', '-m', 'resnetv2_zoo.cli',
          *tiny_argv(data, out, '--epochs', '1', '--no-pretrained', '--val-split', '0.34')],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+        # TMPDIR: torchrun leaves a torchelastic_* log folder in the temporary directory; here, in the test's own
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / RUN_FILES['summary']).read_text())
     assert summary['world_size'] == 2 and summary['val_images'] == 8 and summary['train_images'] == 16

@@ -79,7 +79,8 @@ def test_deterministic(resnet50):
 
 
 @pytest.mark.slow(seconds=25)
-def test_compiled_matches_eager():
+def test_compiled_matches_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path))  # Inductor's cache, in this test's folder, not /tmp
     model = tiny_model(num_classes=10)
     x = torch.randn(3, 3, 45, 33, generator=torch.Generator().manual_seed(4))
     compiled = optimize_for_inference(model, channels_last=True, compile=True)
