@@ -111,9 +111,11 @@ def test_create_loaded_fills_every_tensor_or_names_what_is_missing():
 def test_a_non_persistent_buffer_is_not_left_uninitialised():
     """Control for the completeness rule: a tensor no state dict holds means the usual, initialised build."""
     module = torch.nn.Linear(2, 2)
-    assert checkpoint._all_in_state_dict(module)
+    shapes = {'weight': (2, 2), 'bias': (2,)}
+    assert checkpoint._filled_by(module, shapes)
+    assert not checkpoint._filled_by(module, {'weight': (2, 3), 'bias': (2,)})  # a shape that differs
     module.register_buffer('scale', torch.ones(2), persistent=False)
-    assert not checkpoint._all_in_state_dict(module)
+    assert not checkpoint._filled_by(module, shapes)
 
 
 def test_a_constructor_that_needs_real_tensors_loads_the_usual_way(tmp_path: Path, monkeypatch):

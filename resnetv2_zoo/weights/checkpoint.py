@@ -437,12 +437,12 @@ def _create(path: Path, name: str, kwargs: Dict[str, Any], info: CheckpointInfo)
     """timm.create_model, with a damaged checkpoint (truncated data, tensors of another model) named as such.
 
     Where the file holds every tensor of the requested model, as it is (the usual case: no new head, no other
-    `in_chans`, no feature wrapper), the model is built without random initialisation (`create_loaded`) and
-    the file copied in; otherwise timm's pretrained loading adapts it.
+    `in_chans`, no feature wrapper), the model is built without random initialisation (as `create_loaded`
+    explains) and the file copied in; otherwise timm's pretrained loading adapts it.
     """
     try:
         model = _on_meta(name, kwargs)  # the architecture and pretrained_cfg timm resolves, without weights
-        if model is not None and _shapes(model) == info.tensor_shapes and _all_in_state_dict(model):
+        if _filled_by(model, info.tensor_shapes):
             model.to_empty(device='cpu')
             model.load_state_dict(safetensors.torch.load_file(str(info.weights)), strict=True)
             return model
@@ -461,8 +461,7 @@ def create_loaded(name: str, state_dict: Dict[str, torch.Tensor], **kwargs: Any)
     built as usual, and `load_state_dict` names what is missing or mismatched.
     """
     model = _on_meta(name, kwargs)
-    if (model is not None and _shapes(model) == {k: tuple(v.shape) for k, v in state_dict.items()}
-            and _all_in_state_dict(model)):
+    if _filled_by(model, {k: tuple(v.shape) for k, v in state_dict.items()}):
         model.to_empty(device='cpu')
     else:
         model = timm.create_model(name, **kwargs)
@@ -480,14 +479,14 @@ def _on_meta(name: str, kwargs: Dict[str, Any]) -> Optional[torch.nn.Module]:
         return None
 
 
-def _shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _all_in_state_dict(model: torch.nn.Module) -> bool:
-    """Whether a state dict sets every tensor of `model` (a non-persistent buffer is left out of it)."""
+def _filled_by(model: Optional[torch.nn.Module], shapes: Dict[str, Tuple[int, ...]]) -> bool:
+    """Whether a strict load of tensors of these `shapes` sets every tensor of the meta-device `model`: the same
+    names and shapes as its state dict, and no tensor outside it (a non-persistent buffer)."""
+    if model is None:
+        return False
+    state = model.state_dict()
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    return names <= model.state_dict().keys()
+    return names <= state.keys() and {k: tuple(v.shape) for k, v in state.items()} == shapes
 
 
 # --- the model card ----------------------------------------------------------------------------------------
