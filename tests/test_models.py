@@ -312,3 +312,35 @@ def test_strided_shortcut_is_keras_one_by_one_max_pool():
         x = captured['x']
         residual = block.conv3(block.norm3(block.conv2(block.norm2(block.conv1(block.norm1(x))))))
         torch.testing.assert_close(captured['out'], residual + nn.functional.max_pool2d(x, 1, 2))
+
+
+def _undrawn(model: nn.Module):
+    """Layers whose weights are not what `init_weights` draws: He normal (fan_out) for a conv with a zero bias,
+    N(0, 0.01) for a Linear with a zero bias (each conv holds at least 4,096 weights: its std is within 5%)."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            expected = (math.sqrt(2 / (m.out_channels * m.kernel_size[0] * m.kernel_size[1]))
+                        if isinstance(m, nn.Conv2d) else 0.01)
+            w = m.weight.detach()
+            if not (torch.isfinite(w).all() and abs(w.std().item() / expected - 1) < 0.05
+                    and abs(w.mean().item()) < 0.05 * expected):
+                found.append(name)
+            if m.bias is not None and torch.count_nonzero(m.bias):
+                found.append(f'{name}.bias')
+    return found
+
+
+@pytest.mark.parametrize('name', ['resnet50v2_keras', 'resnet50_keras'])
+def test_every_conv_is_drawn_once_by_init_weights(name):
+    """The convs are built without PyTorch's default initialisation (`models.resnetv2_keras.conv2d`, memory left
+    as it is), which `init_weights` drew again anyway: every one must still be drawn."""
+    model = timm.create_model(name, num_classes=1000)
+    assert _undrawn(model) == []
+    again = timm.create_model(name, num_classes=1000)  # a second build does not reuse the first's numbers
+    assert not torch.equal(model.stem.conv.weight, again.stem.conv.weight)
+    # control: a conv left as it was built, and a layer with PyTorch's default init, are found
+    with torch.no_grad():
+        model.stages[1].blocks[0].conv2.weight.zero_()
+        model.head.fc.reset_parameters()
+    assert _undrawn(model) == ['stages.1.blocks.0.conv2', 'head.fc', 'head.fc.bias']

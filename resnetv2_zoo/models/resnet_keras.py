@@ -36,6 +36,7 @@ from .resnetv2_keras import (
     EXPANSION,
     ZeroPadMaxPool2d,
     _check_args,
+    conv2d,
     set_bn_eps,
     with_pretrained_weights,
 )
@@ -57,7 +58,7 @@ class DownsampleKeras(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, stride: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, 1, stride=stride)
+        self.conv = conv2d(in_chs, out_chs, 1, stride=stride)
         self.norm = BatchNormNoAct(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +79,11 @@ class BottleneckKeras(nn.Module):
         super().__init__()
         out_chs = mid_chs * EXPANSION
         self.downsample = DownsampleKeras(in_chs, out_chs, stride) if conv_shortcut else None
-        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, stride=stride)
+        self.conv1 = conv2d(in_chs, mid_chs, 1, stride=stride)
         self.norm1 = BatchNormReLU(mid_chs)
-        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, padding=1)
+        self.conv2 = conv2d(mid_chs, mid_chs, 3, padding=1)
         self.norm2 = BatchNormReLU(mid_chs)
-        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1)
+        self.conv3 = conv2d(mid_chs, out_chs, 1)
         self.norm3 = BatchNormNoAct(out_chs)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.act3 = nn.ReLU()
@@ -175,7 +176,7 @@ class ResNetKeras(nn.Module):
         self.drop_rate = drop_rate
 
         self.stem = nn.Sequential()
-        self.stem.add_module('conv', nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3))
+        self.stem.add_module('conv', conv2d(in_chans, stem_chs, 7, stride=2, padding=3))
         self.stem.add_module('norm', BatchNormReLU(stem_chs))
         self.stem.add_module('pool', ZeroPadMaxPool2d(3, stride=2, padding=1))
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='stem.norm')]
