@@ -9,8 +9,9 @@ rlimits, capabilities and file locks. It runs `code` as `python -c code *args` w
 `sys.argv`, the environment and working directory given (or the caller's), `atexit` handlers at the end, its
 exit status from `sys.exit` (a string: printed, status 1), an uncaught exception (traceback, status 1) or
 the signal that ended it (negative, like `subprocess`). Its stdout and stderr go to files that `communicate`
-reads, so a test can also poll them while the child runs (`read_stdout`). Like `python -c`, it inherits an
-ignored SIGINT: pytest run as a background job of a non-interactive shell fails the Ctrl-C tests either way.
+reads, so a test can also poll them while the child runs (`read_stdout`). SIGINT raises KeyboardInterrupt in
+it, as in a command started from a terminal, also where pytest itself ignores SIGINT (a background job of a
+non-interactive shell, such as `make test &`), which `python -c` would inherit.
 
 The environment is the child's own from its first line, and huggingface_hub's settings, which it reads on import,
 are read again. What cannot come from the forkserver keeps `subprocess`: a check of what a fresh interpreter
@@ -24,6 +25,7 @@ import ctypes
 import importlib
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,6 +109,7 @@ def _main(code: str, argv: Sequence[str], env: Dict[str, str], cwd: str, umask: 
     if 'huggingface_hub.constants' in sys.modules:  # it reads its settings (HF_HUB_OFFLINE, HF_HOME...) on import
         importlib.reload(sys.modules['huggingface_hub.constants'])
     os.chdir(cwd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if umask is not None:
         os.umask(umask)
     if no_root_file_access and os.geteuid() == 0:

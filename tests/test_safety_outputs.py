@@ -303,8 +303,13 @@ def test_interrupt_while_installing_takes_effect_after_the_cleanup(tmp_path, mon
         return install(tmp, path)
 
     monkeypatch.setattr(atomic, '_install_dir', interrupted_install)
-    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / 'out') as tmp:
-        (tmp / 'a').write_text('complete')
+    # Ctrl-C as in a terminal, also where pytest runs with SIGINT ignored (a background job: `make test &`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / 'out') as tmp:
+            (tmp / 'a').write_text('complete')
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out']
     assert (tmp_path / 'out' / 'a').read_text() == 'complete'
 
