@@ -4,7 +4,7 @@ ResNet50V2 (conftest's session model, seeded random weights, BN statistics inclu
 every source: each file format Keras writes, with and without the top, and the live model. The converter
 tests prove that all sources give bit-identical weights, so sources and input sizes are independent:
 the `.weights.h5` Keras 3 writes runs at every size, the other sources at one odd size, and the deeper
-101V2 and 152V2, whose mapping differs only in block counts, from that one source. Keras computes the
+101V2 and 152V2, whose mapping differs only in block counts, from that one source with the top. Keras computes the
 reference once per input size; every conversion must match it within the project tolerance. The last
 tests prove the comparison can fail: two same-shaped convs swapped break it.
 """
@@ -108,7 +108,9 @@ def test_logits_match_keras(keras_cases, arch, source):
             _assert_close(ours, case.reference[size, 'logits'], f'{arch} {source} logits {size}')
 
 
-@pytest.mark.parametrize('arch, source', CASES)
+# Without the top, 50V2 only: the deeper models' logits above run the same pooled features through their head, and
+# the no-top files differ from the top ones by the same missing layer at every depth.
+@pytest.mark.parametrize('arch, source', [case for case in CASES if case.values[0] == 'resnet50v2_keras'])
 def test_pooled_features_match_keras_without_top(keras_cases, arch, source):
     case = keras_cases(arch)
     converted = _convert(case, False, source)
