@@ -14,7 +14,6 @@ import pytest
 import timm
 import torch
 
-import resnetv2_zoo
 from resnetv2_zoo.cli import main
 from resnetv2_zoo.errors import ResNetV2ZooError
 from resnetv2_zoo.models.resnetv2_keras import ResNetV2Keras
@@ -129,19 +128,18 @@ def test_old_opset_is_refused_before_loading(tmp_path, capsys):
     assert 'opset 17 or newer' in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
-@pytest.mark.slow(seconds=9)
+@pytest.mark.slow(seconds=6)
 def test_export_command_on_a_model_directory(tmp_path, capsys):
+    """The command on a whole ResNet50V2 checkpoint. (The Python API's `.pt2` of a model directory runs in
+    README's export snippet, test_readme_snippets; a `.pt2` loaded back, in test_pt2_export_loads_back_and_matches.)"""
     model = timm.create_model('resnet50v2_keras', num_classes=3)
     model_dir = save_model_dir(model, tmp_path / 'model', label_names=['a', 'b', 'c'])
     assert main(['export', str(model_dir), '-o', str(tmp_path / 'm.onnx'), '--dynamic-batch', '--img-size', '64']) == 0
     assert 'wrote' in capsys.readouterr().out
-    result = resnetv2_zoo.export(str(model_dir), str(tmp_path / 'm.pt2'), img_size=64, batch_size=2)
-    assert result.format == 'pt2' and result.input_size == (3, 64, 64)
     x = torch.randn(2, 3, 64, 64)
     session = onnxruntime.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape[1:] == [3, 64, 64]  # --img-size
     with torch.no_grad():
         eager = model.eval()(x)
-        pt2 = torch.export.load(str(tmp_path / 'm.pt2')).module()(x)
     onnx_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    tolerance = EXPORT_TOLERANCE * max(1.0, float(eager.abs().max()))
-    assert (onnx_out - eager).abs().max() <= tolerance and (pt2 - eager).abs().max() <= tolerance
+    assert (onnx_out - eager).abs().max() <= EXPORT_TOLERANCE * max(1.0, float(eager.abs().max()))
