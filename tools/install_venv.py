@@ -2,7 +2,7 @@
 
 Why: the environment is torch's CUDA build and TensorFlow, 7.8 GB unpacked. pip unpacks and hashes it on one core
 and compiles its bytecode one file after another (about 75 s on 2 cores); uv unpacks on every core and compiles in
-parallel (about 45 s), a third of the fresh-clone budget of `make test`.
+parallel (35-45 s): half a minute of the 6-minute fresh-clone budget of `make test`.
 
 "As pip would": uv reads no pip configuration, so the package indexes, find-links folders, constraint files and
 certificate bundle that pip is configured with (`pip config list`: its files and PIP_* variables) are passed on to
