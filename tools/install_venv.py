@@ -7,8 +7,8 @@ parallel (35-45 s): half a minute of the 6-minute fresh-clone budget of `make te
 "As pip would": uv reads no pip configuration, so the package indexes, find-links folders, constraint files and
 certificate bundle that pip is configured with (`pip config list`: its files and PIP_* variables) are passed on to
 uv, and uv picks the best version across all indexes as pip does (`--index-strategy unsafe-best-match`). uv's cache
-is a temporary folder removed at the end (`--no-cache`), so nothing is left outside the environment. Where uv
-cannot be installed (no wheel for the platform) or fails, pip installs, as before.
+is a temporary folder inside the environment, removed at the end (`--no-cache`, TMPDIR), so nothing is left outside
+the environment. Where uv cannot be installed (no wheel for the platform) or fails, pip installs, as before.
 
 Usage: `.venv/bin/python tools/install_venv.py -e '.[keras,train,export,dev]'` (the arguments are pip's).
 """
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from typing import Dict, List, Sequence
 
 UV = 'uv>=0.9,<1'
@@ -80,7 +81,10 @@ def main(requirements: Sequence[str]) -> int:
     uv = os.path.join(os.path.dirname(sys.executable), 'uv')
     command = [uv, 'pip', 'install', '--python', sys.executable, '--no-cache', '--compile-bytecode',
                *uv_arguments(settings), *requirements]
-    if subprocess.run(command, env={**os.environ, **uv_environment(settings)}).returncode != 0:
+    # uv's temporary files (its unpacked wheels, a build lock) inside the environment, removed at the end
+    with tempfile.TemporaryDirectory(prefix='.install-', dir=sys.prefix) as tmp:
+        code = subprocess.run(command, env={**os.environ, **uv_environment(settings), 'TMPDIR': tmp}).returncode
+    if code != 0:
         print('install_venv: uv failed (above); installing with pip instead', file=sys.stderr)
         return install_with_pip(requirements)
     return 0
